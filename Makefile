@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make serve` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+ARGS ?=
+
+.PHONY: serve test install install-test system-deps bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml constraints-cpu.txt
+	$(PIP) install --quiet -c constraints-cpu.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install --quiet -c constraints-cpu.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+serve: install
+	$(VENV)/bin/dots-serve $(ARGS)
+
+test: install-test system-deps
+	$(PY) -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""The continuous-batching engine: scheduling, paged KV blocks, sampling and detokenization."""

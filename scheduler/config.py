@@ -1,0 +1,24 @@
+"""Engine configuration: what the CLI, the YAML presets and the offline API all fill in."""
+from dataclasses import dataclass
+
+from model.embedded import EMBEDDED_MODEL_DIR
+
+
+@dataclass
+class EngineConfig:
+    model: str = str(EMBEDDED_MODEL_DIR)  # local Hugging Face checkpoint directory
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or float32, bfloat16, float16
+    device: str = "auto"  # auto: cuda when available, else cpu
+    load_format: str = "auto"  # auto (safetensors) or dummy (random weights for the config)
+    max_model_len: int | None = None  # None: the config's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV cache; None: gpu_memory_utilization on CUDA, 1 GiB on CPU
+    gpu_memory_utilization: float = 0.9  # fraction of free GPU memory for KV cache after loading weights
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    expert_metrics: bool = True  # count token-expert assignments on device for the metrics
+    chat_template: str | None = None  # a file or a literal template overriding the checkpoint's
+    seed: int = 0
