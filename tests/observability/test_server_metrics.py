@@ -203,5 +203,7 @@ def test_rendered_metrics_pass_promtool_check_metrics():
 
 def test_promtool_check_metrics_rejects_a_malformed_exposition():
     broken = b"# TYPE dots_serve_x counter\ndots_serve_x{model_name=\"m\" 1\n"
-    result = subprocess.run([require_tool("promtool"), "check", "metrics"], input=broken, capture_output=True, timeout=60)
+    result = subprocess.run(
+        [require_tool("promtool"), "check", "metrics"], input=broken, capture_output=True, timeout=60
+    )
     assert result.returncode != 0
