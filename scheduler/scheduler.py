@@ -1,0 +1,117 @@
+"""Picks what runs each step under a token budget and a sequence budget, and preempts when KV blocks run out.
+
+Running decodes go first, then running prefills, then waiting sequences in arrival order; the last prefill is
+chunked to fill the token budget. When a running sequence cannot get a block, the most recently admitted running
+sequence is preempted: its blocks are freed and it is recomputed later from its token ids (prompt and output so far).
+"""
+from collections import deque
+from dataclasses import dataclass, field
+
+from scheduler.block_manager import BlockManager
+from scheduler.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens this step)
+    preempted: list[Sequence] = field(default_factory=list)
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache at admission
+    prefix_cache_hits: int = 0  # of those, tokens found
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for seq, n in self.scheduled if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def add_first(self, seqs: list[Sequence]) -> None:
+        """Queues ``seqs`` ahead of every waiting sequence, in their given order."""
+        self.waiting.extendleft(reversed(seqs))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        scheduled: dict[Sequence, int] = {}
+        budget = self.max_num_batched_tokens
+        # Decodes first, then unfinished prefills; each group in admission order (the sort is stable).
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if budget == 0:
+                break
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.allocate(seq, num_new):
+                victim = self.running[-1]
+                budget += scheduled.pop(victim, 0)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled[seq] = num_new
+                budget -= num_new
+        # Admitting new work right after a preemption would only preempt again.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            prefix: list[int] = []
+            if not seq.block_table:
+                prefix = self.block_manager.match_prefix(seq)
+            num_computed = seq.num_computed_tokens + len(prefix) * self.block_manager.block_size
+            num_new = min(seq.num_tokens - num_computed, budget)
+            if not self.block_manager.can_admit(seq, prefix, num_new):
+                break
+            self.waiting.popleft()
+            if not seq.block_table:
+                out.prefix_cache_queries += seq.num_tokens
+                out.prefix_cache_hits += num_computed
+                self.block_manager.admit(seq, prefix)
+                if seq.num_cached_tokens is None:
+                    seq.num_cached_tokens = num_computed
+            allocated = self.block_manager.allocate(seq, num_new)
+            assert allocated, "can_admit() promised these blocks"
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled[seq] = num_new
+            budget -= num_new
+        out.scheduled = list(scheduled.items())
+        return out
+
+    def finish_step(self, out: SchedulerOutput) -> None:
+        """Marks the scheduled tokens as computed (their K/V is now in the cache) and registers full blocks."""
+        for seq, num_new in out.scheduled:
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens += num_new
+            self.block_manager.cache_full_blocks(seq, before)
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes ``seq`` (finished or aborted) from the queues and releases its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
