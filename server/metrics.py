@@ -59,7 +59,11 @@ class ServerMetrics:
         info_metric = Info(PREFIX, "Build and engine configuration of the server.", labels, registry=self.registry)
         info_metric.labels(model_name).info({key: str(value) for key, value in info.items()})
 
-        self.ready = gauge("ready", "1 while the server takes requests, 0 while loading or draining.")
+        # No series until the server first reports its readiness, so an unreported state never looks "not ready".
+        self.ready = Gauge(
+            f"{PREFIX}_ready", "1 while the server takes requests, 0 while loading or draining.", labels,
+            registry=self.registry,
+        )
         self.requests_running = gauge("requests_running", "Requests in the engine's running batch.")
         self.requests_waiting = gauge("requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage = gauge(
@@ -127,7 +131,7 @@ class ServerMetrics:
         self.request_failures.labels(self.model_name, reason).inc()
 
     def set_ready(self, ready: bool) -> None:
-        self.ready.set(1 if ready else 0)
+        self.ready.labels(self.model_name).set(1 if ready else 0)
 
     def set_gauges(self, running: int, waiting: int, kv_cache_usage: float) -> None:
         self.requests_running.set(running)

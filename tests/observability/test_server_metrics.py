@@ -159,6 +159,7 @@ def test_http_requests_rejections_and_readiness(metrics):
     metrics.observe_http("/v1/chat/completions", "POST", 429)
     metrics.record_rejected("rate_limited")
     metrics.record_rejected("context_length_exceeded")
+    assert sample(metrics, "dots_serve_ready") is None
     metrics.set_ready(True)
 
     http = "dots_serve_http_requests_total"
