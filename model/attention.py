@@ -1,0 +1,53 @@
+"""Dots1 self-attention: fused q/k/v projection, per-head q/k RMSNorm before RoPE, paged KV cache."""
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.linear import ColumnParallelLinear, RowParallelLinear
+from model.norm import RMSNorm
+from model.paged_attention import AttentionMetadata, paged_attention, store_kv
+from model.parallel import ParallelState
+from model.rope import apply_rotary
+from model.weights import WeightTarget
+
+
+class Dots1Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, parallel: ParallelState, dtype: torch.dtype) -> None:
+        super().__init__()
+        head_dim = config.head_dim
+        self.head_dim = head_dim
+        self.num_heads = parallel.shard(config.num_attention_heads, "num_attention_heads")[1]
+        self.num_kv_heads = parallel.shard(config.num_key_value_heads, "num_key_value_heads")[1]
+        self.scale = head_dim ** -0.5
+        self.window = config.window_of_layer(layer_id)
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size,
+            [config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim,
+             config.num_key_value_heads * head_dim],
+            config.attention_bias, parallel, dtype, names=["q_proj", "k_proj", "v_proj"],
+        )
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
+                                        config.attention_bias, parallel, dtype, name="o_proj")
+        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype)
+        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
+                value_cache: torch.Tensor, slot_mapping: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        query, key, value = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        query = self.q_norm(query.view(num_tokens, self.num_heads, self.head_dim))  # [T, Hq, D]
+        key = self.k_norm(key.view(num_tokens, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        query = apply_rotary(query, cos, sin)
+        key = apply_rotary(key, cos, sin)
+        store_kv(key, value, key_cache, value_cache, slot_mapping)
+        out = paged_attention(query, key, value, key_cache, value_cache, metadata, self.scale, self.window)
+        return self.o_proj(out.reshape(num_tokens, q_size))
+
+    def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
+        targets = self.qkv_proj.weight_targets([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
+        targets |= self.o_proj.weight_targets(f"{prefix}.o_proj")
+        targets |= self.q_norm.weight_targets(f"{prefix}.q_norm")
+        targets |= self.k_norm.weight_targets(f"{prefix}.k_norm")
+        return targets

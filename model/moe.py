@@ -1,0 +1,184 @@
+"""Dots1 mixture of experts: fp32 sigmoid router with group-limited top-k, grouped routed experts, shared experts."""
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.mlp import GatedMLP
+from model.parallel import ParallelState
+from model.weights import CheckpointTensor, WeightTarget
+
+
+class TopKRouter(nn.Module):
+    """Picks experts with ``sigmoid(x W^T) + e_score_correction_bias``, weighs them with the unbiased scores."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32),
+                                   requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.empty(self.num_experts, dtype=torch.float32),
+                                                    requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (combine weights [T, k] float32, expert ids [T, k] int64)."""
+        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias
+        if self.topk_group < self.n_group:
+            choice = self._mask_unpicked_groups(choice)
+        expert_ids = choice.topk(self.top_k, dim=-1, sorted=False).indices  # [T, k]
+        weights = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, expert_ids
+
+    def _mask_unpicked_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Keeps the topk_group groups whose two best biased scores sum highest; the rest can't be chosen."""
+        num_tokens = choice.shape[0]
+        grouped = choice.view(num_tokens, self.n_group, -1)  # [T, G, E/G]
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        picked = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, picked, True)  # [T, G]
+        return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(num_tokens, -1)
+
+    def weight_loader(self, param: nn.Parameter, source: CheckpointTensor) -> None:
+        param.data.copy_(source.read())
+
+    def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
+        weight_key, bias_key = f"{prefix}.weight", f"{prefix}.e_score_correction_bias"
+        return {
+            weight_key: WeightTarget(tuple(self.weight.shape), partial(self.weight_loader, self.weight),
+                                     (weight_key,)),
+            bias_key: WeightTarget((self.num_experts,), partial(self.weight_loader, self.e_score_correction_bias),
+                                   (bias_key,)),
+        }
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts of a layer as stacked weights; token-expert pairs are grouped by expert and only experts
+    that received tokens run. Tensor parallel splits each expert's intermediate size; expert parallel gives each
+    rank whole experts."""
+
+    def __init__(self, config: ModelConfig, parallel: ParallelState, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.moe_intermediate_size
+        if parallel.expert_parallel:
+            self.expert_start, self.num_local_experts = parallel.shard(self.num_experts, "n_routed_experts")
+            self.inter_start, self.local_intermediate = 0, self.intermediate_size
+        else:
+            self.expert_start, self.num_local_experts = 0, self.num_experts
+            self.inter_start, self.local_intermediate = parallel.shard(self.intermediate_size, "moe_intermediate_size")
+        local_experts, inter, hidden = self.num_local_experts, self.local_intermediate, self.hidden_size
+        self.w13 = nn.Parameter(torch.empty(local_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(local_experts, hidden, inter, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                pair_counts: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights/expert_ids [T, k], pair_counts [E] (pairs per expert) -> weighted expert sum [T, H]."""
+        top_k = expert_ids.shape[1]
+        order = expert_ids.view(-1).argsort(stable=True)  # pairs grouped by expert
+        counts = pair_counts.tolist()
+        first = sum(counts[:self.expert_start])
+        local_counts = counts[self.expert_start:self.expert_start + self.num_local_experts]
+        order = order[first:first + sum(local_counts)]
+        token_of_pair = order // top_k  # [P]
+        inputs = x[token_of_pair]  # [P, H]
+        outputs = torch.empty_like(inputs)
+        start = 0
+        for local_expert, count in enumerate(local_counts):
+            if count == 0:
+                continue
+            rows = slice(start, start + count)
+            gate_up = F.linear(inputs[rows], self.w13[local_expert])  # [n, 2 * I]
+            gate, up = gate_up.split(self.local_intermediate, dim=-1)
+            outputs[rows] = F.linear(F.silu(gate) * up, self.w2[local_expert])
+            start += count
+        weighted = (outputs * weights.view(-1)[order][:, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of_pair, weighted)
+
+    def load_gate_or_up(self, expert: int, half: int, source: CheckpointTensor) -> None:
+        rows = slice(self.inter_start, self.inter_start + self.local_intermediate)
+        destination = slice(half * self.local_intermediate, (half + 1) * self.local_intermediate)
+        self.w13.data[expert - self.expert_start, destination].copy_(source.read(rows))
+
+    def load_down(self, expert: int, source: CheckpointTensor) -> None:
+        columns = slice(self.inter_start, self.inter_start + self.local_intermediate)
+        self.w2.data[expert - self.expert_start].copy_(source.read(slice(None), columns))
+
+    def load_fused_gate_up(self, source: CheckpointTensor) -> None:
+        experts = slice(self.expert_start, self.expert_start + self.num_local_experts)
+        for half in (0, 1):
+            start = half * self.intermediate_size + self.inter_start
+            destination = slice(half * self.local_intermediate, (half + 1) * self.local_intermediate)
+            self.w13.data[:, destination].copy_(source.read(experts, slice(start, start + self.local_intermediate)))
+
+    def load_fused_down(self, source: CheckpointTensor) -> None:
+        experts = slice(self.expert_start, self.expert_start + self.num_local_experts)
+        columns = slice(self.inter_start, self.inter_start + self.local_intermediate)
+        self.w2.data.copy_(source.read(experts, slice(None), columns))
+
+    def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
+        """Per-expert keys (what checkpoints hold) and the fused layout Transformers 5 keeps in memory."""
+        inter, hidden = self.intermediate_size, self.hidden_size
+        targets: dict[str, WeightTarget] = {}
+        gate_up_keys, down_keys = [], []
+        for expert in range(self.num_experts):
+            local = self.expert_start <= expert < self.expert_start + self.num_local_experts
+            for half, name in enumerate(("gate_proj", "up_proj")):
+                key = f"{prefix}.{expert}.{name}.weight"
+                gate_up_keys.append(key)
+                targets[key] = WeightTarget((inter, hidden), partial(self.load_gate_or_up, expert, half)
+                                            if local else None, (key,))
+            key = f"{prefix}.{expert}.down_proj.weight"
+            down_keys.append(key)
+            targets[key] = WeightTarget((hidden, inter), partial(self.load_down, expert) if local else None, (key,))
+        targets[f"{prefix}.gate_up_proj"] = WeightTarget((self.num_experts, 2 * inter, hidden),
+                                                         self.load_fused_gate_up, tuple(gate_up_keys))
+        targets[f"{prefix}.down_proj"] = WeightTarget((self.num_experts, hidden, inter), self.load_fused_down,
+                                                      tuple(down_keys))
+        return targets
+
+
+class Dots1MoE(nn.Module):
+    def __init__(self, config: ModelConfig, parallel: ParallelState, dtype: torch.dtype,
+                 count_experts: bool = False) -> None:
+        super().__init__()
+        self.parallel = parallel
+        self.gate = TopKRouter(config)
+        self.experts = RoutedExperts(config, parallel, dtype)
+        self.shared_experts = None
+        if config.n_shared_experts > 0:
+            self.shared_experts = GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
+                                           parallel, dtype, reduce_output=False)
+        self.expert_counts: torch.Tensor | None = None  # [E] int64 token-expert pairs since the last take
+        if count_experts:
+            self.expert_counts = nn.Buffer(torch.zeros(config.n_routed_experts, dtype=torch.int64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, expert_ids = self.gate(x)
+        pair_counts = torch.bincount(expert_ids.view(-1), minlength=self.experts.num_experts)  # [E]
+        if self.expert_counts is not None:
+            self.expert_counts += pair_counts
+        out = self.experts(x, weights, expert_ids, pair_counts)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return self.parallel.all_reduce(out)
+
+    def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
+        targets = self.gate.weight_targets(f"{prefix}.gate") | self.experts.weight_targets(f"{prefix}.experts")
+        if self.shared_experts is not None:
+            return targets | self.shared_experts.weight_targets(f"{prefix}.shared_experts")
+        # Transformers builds (and saves) zero-width shared experts when n_shared_experts is 0; they add nothing.
+        hidden = self.experts.hidden_size
+        for name, shape in (("gate_proj", (0, hidden)), ("up_proj", (0, hidden)), ("down_proj", (hidden, 0))):
+            targets[f"{prefix}.shared_experts.{name}.weight"] = WeightTarget(shape, None, ())
+        return targets
