@@ -1,0 +1,160 @@
+"""Batched sampling: greedy, filters, penalties, bias, min_tokens, seeds, logprobs."""
+import math
+
+import pytest
+import torch
+
+from sched_helpers import make_seq
+from scheduler.sampler import Sampler
+
+EOS = 9
+VOCAB = 10
+
+
+def seq_with(output: list[int] | None = None, prompt: list[int] | None = None, seed: int | None = None, **params: object):
+    seq = make_seq(prompt or [5], **params)
+    seq.token_ids.extend(output or [])
+    if seed is not None:
+        seq.generator = torch.Generator().manual_seed(seed)
+    return seq
+
+
+def logits_from_probs(probs: list[float]) -> torch.Tensor:
+    return torch.tensor(probs).log().unsqueeze(0)  # [1, V]
+
+
+def sample_many(logits_row: torch.Tensor, rows: int, **params: object) -> torch.Tensor:
+    sampler = Sampler([EOS], torch.Generator().manual_seed(0))
+    seqs = [seq_with(**params) for _ in range(rows)]
+    return torch.tensor(sampler.sample(logits_row.expand(rows, -1).clone(), seqs).token_ids)
+
+
+def test_greedy_takes_each_rows_argmax() -> None:
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(1))
+    seqs = [seq_with(temperature=0.0) for _ in range(5)]
+    out = Sampler([EOS]).sample(logits, seqs)
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    assert out.logprobs == [None] * 5
+
+
+def test_plain_sampling_follows_the_softmax() -> None:
+    probs = [0.4, 0.3, 0.2, 0.1]
+    tokens = sample_many(logits_from_probs(probs), 20000, temperature=1.0)
+    freqs = torch.bincount(tokens, minlength=4).float() / 20000
+    assert torch.allclose(freqs, torch.tensor(probs), atol=0.015)
+
+
+def test_temperature_sharpens() -> None:
+    tokens = sample_many(logits_from_probs([0.4, 0.3, 0.2, 0.1]), 4000, temperature=0.25)
+    freqs = torch.bincount(tokens, minlength=4).float() / 4000
+    expected = torch.tensor([0.4, 0.3, 0.2, 0.1]) ** 4
+    assert torch.allclose(freqs, expected / expected.sum(), atol=0.03)
+
+
+def test_top_k_keeps_exactly_the_k_most_likely() -> None:
+    tokens = sample_many(logits_from_probs([0.1, 0.25, 0.05, 0.3, 0.2, 0.1]), 4000, temperature=1.0, top_k=3)
+    assert set(tokens.tolist()) == {1, 3, 4}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    tokens = sample_many(logits_from_probs([0.15, 0.5, 0.05, 0.3]), 4000, temperature=1.0, top_p=0.75)
+    assert set(tokens.tolist()) == {1, 3}
+    only_top = sample_many(logits_from_probs([0.15, 0.5, 0.05, 0.3]), 500, temperature=1.0, top_p=0.01)
+    assert set(only_top.tolist()) == {1}
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability() -> None:
+    tokens = sample_many(logits_from_probs([0.5, 0.3, 0.15, 0.05]), 4000, temperature=1.0, min_p=0.2)
+    assert set(tokens.tolist()) == {0, 1, 2}
+
+
+def test_filters_are_per_row_in_one_batch() -> None:
+    logits = logits_from_probs([0.1, 0.25, 0.05, 0.3, 0.2, 0.1]).expand(3000, -1).clone()
+    seqs = [seq_with(temperature=1.0, top_k=1 if i % 2 else 0) for i in range(3000)]
+    tokens = Sampler([EOS], torch.Generator().manual_seed(0)).sample(logits, seqs).token_ids
+    assert {t for i, t in enumerate(tokens) if i % 2} == {3}
+    assert len({t for i, t in enumerate(tokens) if i % 2 == 0}) == 6
+
+
+def test_presence_and_frequency_penalties_use_output_counts() -> None:
+    logits = torch.tensor([[3.0, 2.5, 0.0, 0.0]])
+    sampler = Sampler([EOS])
+    assert sampler.sample(logits, [seq_with([0], temperature=0.0)]).token_ids == [0]
+    assert sampler.sample(logits, [seq_with([0], temperature=0.0, presence_penalty=1.0)]).token_ids == [1]
+    # Frequency scales with the count: once costs 0.4 (still ahead), twice 0.8 (behind).
+    assert sampler.sample(logits, [seq_with([0], temperature=0.0, frequency_penalty=0.4)]).token_ids == [0]
+    assert sampler.sample(logits, [seq_with([0, 0], temperature=0.0, frequency_penalty=0.4)]).token_ids == [1]
+    # Prompt tokens do not count for presence/frequency.
+    assert sampler.sample(logits, [seq_with([], prompt=[0], temperature=0.0, presence_penalty=1.0)]).token_ids == [0]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens() -> None:
+    sampler = Sampler([EOS])
+    positive = torch.tensor([[2.0, 1.5, -5.0]])
+    assert sampler.sample(positive, [seq_with(prompt=[0], temperature=0.0, repetition_penalty=1.5)]).token_ids == [1]
+    negative = torch.tensor([[-1.0, -1.2, -5.0]])
+    assert sampler.sample(negative, [seq_with(prompt=[0], temperature=0.0, repetition_penalty=1.5)]).token_ids == [1]
+    assert sampler.sample(negative, [seq_with(prompt=[2], temperature=0.0, repetition_penalty=1.5)]).token_ids == [0]
+
+
+def test_logit_bias_moves_a_token() -> None:
+    logits = torch.tensor([[5.0, 0.0, 0.0]])
+    out = Sampler([EOS]).sample(logits, [seq_with(temperature=0.0, logit_bias={2: 6.0})])
+    assert out.token_ids == [2]
+    sampled = sample_many(torch.tensor([[5.0, 0.0, 0.0]]), 500, temperature=1.0, logit_bias={0: -100.0})
+    assert 0 not in sampled.tolist()
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_until_reached() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, EOS] = 10.0
+    logits[0, 3] = 9.0
+    logits[0, 1] = 8.0
+    sampler = Sampler([EOS])
+    early = seq_with([4], temperature=0.0, min_tokens=3, stop_token_ids=[3])
+    assert sampler.sample(logits, [early]).token_ids == [1]
+    reached = seq_with([4, 4, 4], temperature=0.0, min_tokens=3, stop_token_ids=[3])
+    assert sampler.sample(logits, [reached]).token_ids == [EOS]
+    ignoring_eos = seq_with([4], temperature=0.0, min_tokens=3, ignore_eos=True)
+    assert sampler.sample(logits, [ignoring_eos]).token_ids == [EOS]
+
+
+def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch() -> None:
+    gen = torch.Generator().manual_seed(3)
+    steps = [torch.randn(1, 50, generator=gen) for _ in range(6)]
+
+    def run(batch_size: int, row: int, global_seed: int) -> list[int]:
+        sampler = Sampler([EOS], torch.Generator().manual_seed(global_seed))
+        seeded = seq_with(temperature=1.0, top_p=0.9, seed=42)
+        others = [seq_with(temperature=0.8, seed=7 if i % 2 else None) for i in range(batch_size - 1)]
+        batch = others[:row] + [seeded] + others[row:]
+        tokens = []
+        for logits in steps:
+            noise = torch.randn(batch_size, 50, generator=gen)
+            rows = torch.cat([noise[:row], logits, noise[row + 1 :]]) if batch_size > 1 else logits
+            tokens.append(sampler.sample(rows, batch).token_ids[row])
+        return tokens
+
+    alone = run(1, 0, 0)
+    assert run(5, 3, 1) == alone
+    assert run(9, 0, 2) == alone
+    assert len(set(alone)) > 1
+
+
+def test_logprobs_come_from_raw_logits_and_include_a_sampled_token_outside_the_top() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    expected = torch.log_softmax(logits, dim=-1)[0]
+    seq = seq_with(temperature=0.5, logprobs=2, logit_bias={4: 100.0}, presence_penalty=2.0)
+    out = Sampler([EOS]).sample(logits, [seq])
+    assert out.token_ids == [4]
+    logprob = out.logprobs[0]
+    assert logprob.token_id == 4
+    assert math.isclose(logprob.logprob, expected[4].item(), rel_tol=1e-6)
+    assert [t for t, _ in logprob.top] == [0, 1]
+    assert [v for _, v in logprob.top] == pytest.approx(expected[:2].tolist(), rel=1e-6)
+
+
+def test_logprobs_zero_gives_only_the_sampled_token() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    out = Sampler([EOS]).sample(logits, [seq_with(temperature=0.0, logprobs=0)])
+    assert out.logprobs[0].token_id == 2 and out.logprobs[0].top == []
