@@ -11,6 +11,8 @@ import pytest
 import yaml
 from observability_files import DEPLOY, REPO
 
+from server.cli import parse_args
+
 COMPOSE_BINARY = Path(compose.__file__).resolve().parent / "docker-compose"
 HADOLINT_BINARY = Path(sys.executable).parent / "hadolint"
 KUBERNETES = DEPLOY / "kubernetes"
@@ -197,3 +199,22 @@ def test_service_and_scrape_configuration_select_the_pods():
     assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
     # The alert rules select job="dots-serve".
     assert pod_labels[pod_monitor["spec"]["jobLabel"]] == "dots-serve"
+
+
+def container_command(arguments: list[str]) -> list[str]:
+    """What the container runs: the image's ENTRYPOINT followed by the arguments given to it."""
+    entrypoint = dict(dockerfile_instructions())["ENTRYPOINT"]
+    return json.loads(entrypoint)[1:] + arguments
+
+
+def test_every_shipped_command_line_is_accepted_by_the_server_cli():
+    default_cmd = json.loads(dict(dockerfile_instructions())["CMD"])
+    gpu = json.loads(compose_config("docker-compose.yml").stdout)["services"]["dots-serve"]["command"]
+    cpu = json.loads(compose_config("docker-compose.yml", "docker-compose.cpu.yml").stdout)
+    [container] = kubernetes_documents()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    for arguments in [default_cmd, gpu, cpu["services"]["dots-serve"]["command"], container["args"]]:
+        args = parse_args(container_command(arguments))
+        assert args.host == "0.0.0.0" and args.port == 8000, arguments
+    k8s = parse_args(container_command(container["args"]))
+    assert k8s.tensor_parallel_size == int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert parse_args(container_command(cpu["services"]["dots-serve"]["command"])).device == "cpu"
