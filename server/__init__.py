@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front end: FastAPI routes, request models, SSE streaming, errors, CLI."""

@@ -1,0 +1,70 @@
+"""Admission of generation requests: a cap on concurrent ones (429), and draining on shutdown (503)."""
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from server.errors import APIError
+
+logger = logging.getLogger(__name__)
+
+DRAIN_ABORT_GRACE_S = 5.0  # after aborting, how long requests get to send their final chunks
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request. ``abort`` is set when the drain deadline passes: finish now with ``abort``."""
+
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Admission:
+    def __init__(self, max_concurrent_requests: int) -> None:
+        self.max_concurrent_requests = max_concurrent_requests
+        self.in_flight: set[Ticket] = set()
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def admit(self) -> Ticket:
+        if self.draining:
+            raise APIError(
+                503, "The server is shutting down and accepts no new requests.", code="server_draining",
+                headers={"Retry-After": "5"},
+            )
+        if len(self.in_flight) >= self.max_concurrent_requests:
+            raise APIError(
+                429,
+                f"The server is at its limit of {self.max_concurrent_requests} concurrent requests; retry shortly.",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        ticket = Ticket()
+        self.in_flight.add(ticket)
+        self.idle.clear()
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        self.in_flight.discard(ticket)
+        if not self.in_flight:
+            self.idle.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Stops admitting, waits up to ``timeout`` for in-flight requests, then aborts the rest."""
+        self.draining = True
+        logger.info("draining: %d request(s) in flight, waiting up to %.1fs", len(self.in_flight), timeout)
+        if await self.wait_idle(timeout):
+            return
+        logger.warning("drain deadline passed: aborting %d request(s)", len(self.in_flight))
+        for ticket in self.in_flight:
+            ticket.abort.set()
+        if not await self.wait_idle(DRAIN_ABORT_GRACE_S):
+            logger.error("%d request(s) still in flight after the abort grace period", len(self.in_flight))
+
+    async def wait_idle(self, timeout: float) -> bool:
+        if self.idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False

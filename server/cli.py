@@ -1,0 +1,177 @@
+"""``dots-serve`` / ``python -m server``: flags, an optional YAML preset (``--config``), then serve."""
+import argparse
+import logging
+import os
+import re
+import sys
+from dataclasses import fields
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.embedded import EMBEDDED_MODEL_DIR
+from scheduler.config import EngineConfig
+from server.config import ServerConfig
+
+API_KEY_ENV = "DOTS_SERVE_API_KEY"
+SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+              "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+PATH_KEYS = ("model", "chat_template")
+
+
+def byte_size(text: str | int) -> int:
+    """``1073741824``, ``1GiB``, ``512MiB``, ``2GB``."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if match is None or match.group(2).lower() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1073741824, 512MiB, 2GiB)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the ones that are None (their help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dots-serve",
+        description="OpenAI-compatible server for the dots.llm1 (Dots1) mixture-of-experts model.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="YAML preset (see configs/); its keys are these flags with "
+                        "underscores; flags given on the command line override it")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=str(EMBEDDED_MODEL_DIR), help="local Hugging Face checkpoint directory")
+    model.add_argument("--served-model-name", nargs="+", help="name(s) clients use in 'model'; the first is "
+                       "reported in responses (default: the checkpoint directory's name)")
+    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights and activations; auto: bfloat16 on CUDA, float32 on CPU")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    model.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                       help="auto: safetensors from --model; dummy: random weights for the config (benchmarks)")
+    model.add_argument("--chat-template", help="a Jinja file or template overriding the checkpoint's chat template")
+    model.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler for unseeded requests")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-model-len", type=int, help="context length (prompt + completion); default: the "
+                        "model's max_position_embeddings")
+    engine.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens in one engine step at most")
+    engine.add_argument("--kv-cache-memory", type=byte_size, help="bytes for the KV cache (e.g. 2GiB); default: "
+                        "--gpu-memory-utilization on CUDA, 1 GiB on CPU")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of free GPU memory for the KV cache after loading the weights")
+    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the KV cache of shared prompt prefixes")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (or CPU processes) per replica")
+    engine.add_argument("--enable-expert-parallel", action=argparse.BooleanOptionalAction, default=False,
+                        help="place whole experts on ranks instead of splitting every expert")
+    engine.add_argument("--expert-metrics", action=argparse.BooleanOptionalAction, default=True,
+                        help="count token-expert assignments for /metrics (--no-expert-metrics saves a little time)")
+    http = parser.add_argument_group("HTTP")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    http.add_argument("--port", type=int, default=8000, help="port to listen on")
+    http.add_argument("--api-key", action="append", help=f"accepted API key(s): repeat the flag or separate with "
+                      f"commas; also read from ${API_KEY_ENV}; none: no authentication")
+    http.add_argument("--max-concurrent-requests", type=int, default=256,
+                      help="generation requests admitted at once; more get 429 with Retry-After")
+    http.add_argument("--max-request-body-bytes", type=byte_size, default=8 * 1024 * 1024,
+                      help="larger request bodies get 413")
+    http.add_argument("--shutdown-timeout", type=float, default=30.0,
+                      help="seconds in-flight requests may take to finish after SIGTERM/SIGINT before being aborted")
+    http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    http.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log line")
+    return parser
+
+
+def read_preset(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    try:
+        preset = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        parser.error(f"--config {path}: {error}")
+    if not isinstance(preset, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values")
+    known = set(vars(parser.parse_args([]))) - {"config"}
+    unknown = sorted(set(preset) - known)
+    if unknown:
+        parser.error(f"--config {path}: unknown keys {unknown}")
+    repository_root = path.resolve().parent.parent
+    for key in PATH_KEYS:
+        value = preset.get(key)
+        is_relative_path = isinstance(value, str) and "{" not in value and not Path(value).is_absolute()
+        if is_relative_path and not Path(value).exists():
+            preset[key] = str(repository_root / value)  # presets name paths relative to the repository root
+    if isinstance(preset.get("api_key"), str):
+        preset["api_key"] = [preset["api_key"]]
+    for key in ("kv_cache_memory", "max_request_body_bytes"):
+        if preset.get(key) is not None:
+            preset[key] = byte_size(preset[key])
+    return preset
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config", type=Path)
+    known, _ = config_only.parse_known_args(argv)
+    if known.config is not None:
+        parser.set_defaults(**read_preset(known.config, parser))
+    args = parser.parse_args(argv)
+    if args.max_concurrent_requests < 1:
+        parser.error("--max-concurrent-requests must be at least 1")
+    if args.shutdown_timeout < 0:
+        parser.error("--shutdown-timeout must not be negative")
+    return args
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    given = list(args.api_key or [])
+    if os.environ.get(API_KEY_ENV):
+        given.append(os.environ[API_KEY_ENV])
+    return [key.strip() for value in given for key in value.split(",") if key.strip()]
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    names = {field.name for field in fields(EngineConfig)}
+    return EngineConfig(**{name: value for name, value in vars(args).items() if name in names})
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        served_model_names=args.served_model_name or [Path(args.model).name],
+        host=args.host,
+        port=args.port,
+        api_keys=api_keys(args),
+        max_concurrent_requests=args.max_concurrent_requests,
+        shutdown_timeout=args.shutdown_timeout,
+        max_request_body_bytes=args.max_request_body_bytes,
+        log_prompts=args.log_prompts,
+        log_level=args.log_level,
+    )
+
+
+def package_version() -> str:
+    try:
+        return version("dots-serve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = server_config(args)
+    engine = engine_config(args)
+    info = {"version": package_version(), "model": config.model_name, "dtype": engine.dtype, "device": engine.device,
+            "tensor_parallel_size": str(engine.tensor_parallel_size), "block_size": str(engine.block_size)}
+    from server.runner import run_server  # torch and the engine load only once the flags are valid
+
+    sys.exit(run_server(config, engine, info))

@@ -1,0 +1,1 @@
+"""Pydantic request models mirroring OpenAI's schemas, plus this server's extensions."""

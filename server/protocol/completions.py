@@ -1,0 +1,18 @@
+"""POST /v1/completions request body."""
+from typing import Any
+
+from server.protocol.common import SamplingRequest
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Prompt
+    max_tokens: int | None = 16  # OpenAI's default for this endpoint
+    logprobs: int | None = None
+    echo: bool = False
+    # Accepted so that we can refuse them clearly rather than silently ignore them.
+    suffix: str | None = None
+    best_of: int | None = None
+    response_format: dict[str, Any] | None = None
+

@@ -1,0 +1,139 @@
+"""POST /v1/chat/completions."""
+import time
+from collections.abc import AsyncIterator
+
+from scheduler.async_engine import AsyncEngine
+from scheduler.outputs import TokenLogprob
+from server.admission import Ticket
+from server.errors import invalid_request
+from server.generation import GenerationInput, generate
+from server.logprobs import chat_logprobs
+from server.protocol.chat import ChatCompletionRequest
+from server.request_log import RequestRecord
+from server.sampling import build_sampling_params, fit_to_context
+from server.serving import GenerationRoute, usage
+from server.streaming import DONE_EVENT, sse_event
+from server.unsupported import reject_unsupported_chat
+
+
+class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
+    route = "/v1/chat/completions"
+    id_prefix = "chatcmpl"
+    request_model = ChatCompletionRequest
+
+    async def prepare(self, body: ChatCompletionRequest, engine: AsyncEngine, record: RequestRecord) -> GenerationInput:
+        reject_unsupported_chat(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise invalid_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+        max_tokens, max_tokens_param = body.completion_token_limit()
+        params = build_sampling_params(
+            body,
+            self.config,
+            engine.model_config.vocab_size,
+            max_tokens=max_tokens,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            prompt_logprobs=None,
+            param_names={"max_tokens": max_tokens_param, "logprobs": "top_logprobs"},
+        )
+        prompt = await self.state.tokenization.chat_prompt(
+            body.messages, body.add_generation_prompt, body.continue_final_message
+        )
+        params = fit_to_context(params, len(prompt.token_ids), engine.max_model_len, "messages", max_tokens_param)
+        record.prompt_tokens = len(prompt.token_ids)
+        record.prompt_text = prompt.text
+        return GenerationInput(record.completion_id, [prompt], [params], record.arrival_time)
+
+    def logprobs(self, body: ChatCompletionRequest, entries: list[TokenLogprob] | None) -> dict | None:
+        if not body.logprobs:
+            return None
+        return chat_logprobs(entries or [], self.state.token_texts)
+
+    async def stream(
+        self, body: ChatCompletionRequest, engine: AsyncEngine, generation: GenerationInput, ticket: Ticket,
+        record: RequestRecord,
+    ) -> AsyncIterator[bytes]:
+        header = {"id": record.completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                  "model": self.config.model_name}
+        with_usage = body.include_usage or body.continuous_usage_stats
+        cached_tokens = 0
+
+        def chunk(choice: dict, **extra: object) -> bytes:
+            payload = {**header, "choices": [choice], **extra}
+            if with_usage:
+                payload["usage"] = (
+                    usage(record.prompt_tokens, record.completion_tokens, cached_tokens)
+                    if body.continuous_usage_stats else None
+                )
+            return sse_event(payload)
+
+        prompt_ids = {"prompt_token_ids": generation.prompts[0].token_ids} if body.return_token_ids else {}
+        yield b"".join(
+            chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                   "finish_reason": None}, **(prompt_ids if index == 0 else {}))
+            for index in range(body.n)
+        )
+        async for updates in generate(engine, generation, ticket):
+            events = []
+            for update in updates:
+                cached_tokens = update.num_cached_tokens or cached_tokens
+                for delta in update.deltas:
+                    record.saw_tokens(len(delta.token_ids))
+                    if delta.text or delta.token_ids:
+                        choice = {"index": delta.index, "delta": {"content": delta.text},
+                                  "logprobs": self.logprobs(body, delta.logprobs), "finish_reason": None}
+                        if body.return_token_ids:
+                            choice["token_ids"] = delta.token_ids
+                        events.append(chunk(choice))
+                    if delta.finish_reason is not None:
+                        record.finish_reasons.append(delta.finish_reason)
+                        events.append(chunk({"index": delta.index, "delta": {}, "logprobs": None,
+                                             "finish_reason": delta.finish_reason}))
+            if events:
+                yield b"".join(events)
+        if body.include_usage:
+            yield sse_event({**header, "choices": [],
+                             "usage": usage(record.prompt_tokens, record.completion_tokens, cached_tokens)})
+        yield DONE_EVENT
+
+    async def collect(
+        self, body: ChatCompletionRequest, engine: AsyncEngine, generation: GenerationInput, ticket: Ticket,
+        record: RequestRecord,
+    ) -> dict:
+        texts: list[list[str]] = [[] for _ in range(body.n)]
+        token_ids: list[list[int]] = [[] for _ in range(body.n)]
+        entries: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
+        finish_reasons: list[str | None] = [None] * body.n
+        cached_tokens = 0
+        async for updates in generate(engine, generation, ticket):
+            for update in updates:
+                cached_tokens = update.num_cached_tokens or cached_tokens
+                for delta in update.deltas:
+                    record.saw_tokens(len(delta.token_ids))
+                    texts[delta.index].append(delta.text)
+                    token_ids[delta.index].extend(delta.token_ids)
+                    entries[delta.index].extend(delta.logprobs or [])
+                    if delta.finish_reason is not None:
+                        finish_reasons[delta.index] = delta.finish_reason
+                        record.finish_reasons.append(delta.finish_reason)
+        choices = []
+        for index in range(body.n):
+            choice = {
+                "index": index,
+                "message": {"role": "assistant", "content": "".join(texts[index]), "refusal": None},
+                "logprobs": self.logprobs(body, entries[index]),
+                "finish_reason": finish_reasons[index],
+            }
+            if body.return_token_ids:
+                choice["token_ids"] = token_ids[index]
+            choices.append(choice)
+        response = {
+            "id": record.completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.config.model_name,
+            "choices": choices,
+            "usage": usage(record.prompt_tokens, record.completion_tokens, cached_tokens),
+        }
+        if body.return_token_ids:
+            response["prompt_token_ids"] = generation.prompts[0].token_ids
+        return response

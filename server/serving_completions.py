@@ -1,0 +1,176 @@
+"""POST /v1/completions: prompts as text, text lists, token ids or token-id lists; echo; legacy logprobs."""
+import time
+from collections.abc import AsyncIterator
+
+from scheduler.async_engine import AsyncEngine
+from scheduler.outputs import CompletionDelta, TokenLogprob
+from server.admission import Ticket
+from server.generation import GenerationInput, generate
+from server.logprobs import CompletionLogprobs
+from server.protocol.completions import CompletionRequest
+from server.request_log import RequestRecord
+from server.sampling import build_sampling_params, fit_to_context
+from server.serving import GenerationRoute, usage
+from server.streaming import DONE_EVENT, sse_event
+from server.unsupported import reject_unsupported_completion
+
+
+def concat_logprobs(parts: list[dict[str, list]]) -> dict[str, list]:
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    return {key: [value for part in parts for value in part[key]] for key in keys}
+
+
+class ChoiceEcho:
+    """What goes before a choice's first generated text when ``echo`` is set: the prompt, and its logprobs."""
+
+    def __init__(self, route: "Completions", body: CompletionRequest, generation: GenerationInput) -> None:
+        self.route = route
+        self.body = body
+        self.generation = generation
+        self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
+        self.logprob_builders: dict[int, CompletionLogprobs] = {}
+
+    def prompt_index(self, choice_index: int) -> int:
+        return choice_index // self.body.n
+
+    def text(self, choice_index: int) -> str:
+        prompt = self.generation.prompts[self.prompt_index(choice_index)]
+        if prompt.text is not None:
+            return prompt.text
+        return self.route.state.engine.tokenizer.decode(prompt.token_ids)
+
+    def builder(self, choice_index: int) -> CompletionLogprobs:
+        if choice_index not in self.logprob_builders:
+            self.logprob_builders[choice_index] = CompletionLogprobs(self.route.state.token_texts)
+        return self.logprob_builders[choice_index]
+
+    def logprobs(self, choice_index: int, entries: list[TokenLogprob], token_ids: list[int], first: bool) -> dict | None:
+        """The logprobs of ``token_ids`` (with the echoed prompt's in front on the ``first`` call)."""
+        if self.body.logprobs is None:
+            return None
+        builder = self.builder(choice_index)
+        parts = []
+        if first and self.body.echo:
+            prompt = self.generation.prompts[self.prompt_index(choice_index)]
+            prompt_entries = self.prompt_logprobs.get(self.prompt_index(choice_index)) or [None] * len(prompt.token_ids)
+            parts.append(builder.build(prompt.token_ids, prompt_entries))
+        parts.append(builder.build(token_ids, entries))
+        return concat_logprobs(parts)
+
+
+class Completions(GenerationRoute[CompletionRequest]):
+    route = "/v1/completions"
+    id_prefix = "cmpl"
+    request_model = CompletionRequest
+
+    async def prepare(self, body: CompletionRequest, engine: AsyncEngine, record: RequestRecord) -> GenerationInput:
+        reject_unsupported_completion(body)
+        params = build_sampling_params(
+            body,
+            self.config,
+            engine.model_config.vocab_size,
+            max_tokens=body.max_tokens,
+            logprobs=body.logprobs,
+            prompt_logprobs=body.logprobs if body.echo else None,
+            param_names={"prompt_logprobs": "logprobs"},
+        )
+        prompts = await self.state.tokenization.completion_prompts(body.prompt)
+        per_prompt = [
+            fit_to_context(params, len(prompt.token_ids), engine.max_model_len, "prompt", "max_tokens")
+            for prompt in prompts
+        ]
+        record.prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
+        texts = [prompt.text for prompt in prompts]
+        record.prompt_text = texts[0] if len(texts) == 1 else repr(texts)
+        return GenerationInput(record.completion_id, prompts, per_prompt, record.arrival_time)
+
+    async def stream(
+        self, body: CompletionRequest, engine: AsyncEngine, generation: GenerationInput, ticket: Ticket,
+        record: RequestRecord,
+    ) -> AsyncIterator[bytes]:
+        header = {"id": record.completion_id, "object": "text_completion", "created": int(time.time()),
+                  "model": self.config.model_name}
+        with_usage = body.include_usage or body.continuous_usage_stats
+        cached: dict[int, int] = {}
+        echo = ChoiceEcho(self, body, generation)
+        started: set[int] = set()
+
+        def chunk(choice: dict) -> bytes:
+            payload = {**header, "choices": [choice]}
+            if with_usage:
+                running = usage(record.prompt_tokens, record.completion_tokens, sum(cached.values()))
+                payload["usage"] = running if body.continuous_usage_stats else None
+            return sse_event(payload)
+
+        async for updates in generate(engine, generation, ticket):
+            events = []
+            for update in updates:
+                cached[update.prompt_index] = update.num_cached_tokens or cached.get(update.prompt_index, 0)
+                if update.prompt_logprobs is not None:
+                    echo.prompt_logprobs[update.prompt_index] = update.prompt_logprobs
+                for delta in update.deltas:
+                    record.saw_tokens(len(delta.token_ids))
+                    first = delta.index not in started
+                    started.add(delta.index)
+                    choice = self.choice(body, echo, delta, first)
+                    if choice["text"] or delta.token_ids or (first and body.return_token_ids):
+                        events.append(chunk(choice))
+                    if delta.finish_reason is not None:
+                        record.finish_reasons.append(delta.finish_reason)
+                        events.append(chunk({"index": delta.index, "text": "", "logprobs": None,
+                                             "finish_reason": delta.finish_reason}))
+            if events:
+                yield b"".join(events)
+        if body.include_usage:
+            yield sse_event({**header, "choices": [],
+                             "usage": usage(record.prompt_tokens, record.completion_tokens, sum(cached.values()))})
+        yield DONE_EVENT
+
+    def choice(self, body: CompletionRequest, echo: ChoiceEcho, delta: CompletionDelta, first: bool) -> dict:
+        text = echo.text(delta.index) + delta.text if first and body.echo else delta.text
+        choice = {"index": delta.index, "text": text,
+                  "logprobs": echo.logprobs(delta.index, delta.logprobs or [], delta.token_ids, first),
+                  "finish_reason": None}
+        if body.return_token_ids:
+            if first:
+                choice["prompt_token_ids"] = echo.generation.prompts[echo.prompt_index(delta.index)].token_ids
+            choice["token_ids"] = delta.token_ids
+        return choice
+
+    async def collect(
+        self, body: CompletionRequest, engine: AsyncEngine, generation: GenerationInput, ticket: Ticket,
+        record: RequestRecord,
+    ) -> dict:
+        num_choices = len(generation.prompts) * body.n
+        merged: dict[int, CompletionDelta] = {
+            index: CompletionDelta(index=index, text="", token_ids=[], logprobs=[]) for index in range(num_choices)
+        }
+        echo = ChoiceEcho(self, body, generation)
+        cached: dict[int, int] = {}
+        async for updates in generate(engine, generation, ticket):
+            for update in updates:
+                cached[update.prompt_index] = update.num_cached_tokens or cached.get(update.prompt_index, 0)
+                if update.prompt_logprobs is not None:
+                    echo.prompt_logprobs[update.prompt_index] = update.prompt_logprobs
+                for delta in update.deltas:
+                    record.saw_tokens(len(delta.token_ids))
+                    total = merged[delta.index]
+                    total.text += delta.text
+                    total.token_ids.extend(delta.token_ids)
+                    total.logprobs.extend(delta.logprobs or [])
+                    if delta.finish_reason is not None:
+                        total.finish_reason = delta.finish_reason
+                        record.finish_reasons.append(delta.finish_reason)
+        choices = []
+        for index in range(num_choices):
+            choice = self.choice(body, echo, merged[index], first=True)
+            choice["finish_reason"] = merged[index].finish_reason
+            choices.append(choice)
+        return {
+            "id": record.completion_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.config.model_name,
+            "choices": choices,
+            "usage": usage(record.prompt_tokens, record.completion_tokens, sum(cached.values())),
+        }

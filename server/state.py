@@ -1,0 +1,92 @@
+"""Everything the routes share: configuration, the engine once loaded, admission, metrics, readiness."""
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+from scheduler.async_engine import AsyncEngine
+from scheduler.config import EngineConfig
+from server.admission import Admission
+from server.chat_template import ChatRenderer, load_chat_template
+from server.config import ServerConfig
+from server.errors import APIError
+from server.metrics import ServerMetrics
+from server.token_text import TokenTexts
+from server.tokenization import Tokenization
+
+logger = logging.getLogger(__name__)
+
+LOADING_RETRY_AFTER_S = "10"
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig, engine_config: EngineConfig, metrics: ServerMetrics) -> None:
+        self.config = config
+        self.engine_config = engine_config
+        self.metrics = metrics
+        self.admission = Admission(config.max_concurrent_requests)
+        self.engine: AsyncEngine | None = None
+        self.tokenization: Tokenization | None = None
+        self.token_texts: TokenTexts | None = None
+        self.load_error: BaseException | None = None
+
+    async def load(self, on_failure: Callable[[], None]) -> None:
+        """Builds the engine in a daemon thread (minutes for a large checkpoint) while probes answer."""
+        loop = asyncio.get_running_loop()
+        loaded: asyncio.Future[AsyncEngine] = loop.create_future()
+
+        def build() -> None:
+            try:
+                engine = AsyncEngine(self.engine_config, stats_listener=self.metrics.stats_listener)
+            except BaseException as error:  # reported through the future, then the server exits
+                loop.call_soon_threadsafe(loaded.set_exception, error)
+            else:
+                loop.call_soon_threadsafe(loaded.set_result, engine)
+
+        threading.Thread(target=build, name="engine-load", daemon=True).start()
+        try:
+            engine = await loaded
+            renderer = ChatRenderer(engine.tokenizer, load_chat_template(self.engine_config.chat_template))
+            engine.start()
+        except Exception as error:
+            logger.exception("loading the model failed")
+            self.load_error = error
+            on_failure()
+            return
+        self.tokenization = Tokenization(engine.tokenizer, renderer, engine.model_config.vocab_size)
+        self.token_texts = TokenTexts(engine.tokenizer)
+        self.engine = engine
+        logger.info(
+            "model %s ready: max_model_len=%d, %d KV blocks", self.config.model_name, engine.max_model_len,
+            engine.num_kv_blocks,
+        )
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.engine.is_alive and not self.admission.draining
+
+    def ready_engine(self) -> AsyncEngine:
+        """The engine, or 503 while loading, draining or after the engine died."""
+        if self.admission.draining:
+            raise APIError(503, "The server is shutting down.", code="server_draining", headers={"Retry-After": "5"})
+        if self.engine is None:
+            raise APIError(
+                503, "The model is still loading; retry shortly.", code="model_loading",
+                headers={"Retry-After": LOADING_RETRY_AFTER_S},
+            )
+        if not self.engine.is_alive:
+            raise APIError(503, "The engine has stopped; the server needs a restart.", code="engine_dead")
+        return self.engine
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.config.served_model_names:
+            raise APIError(
+                404, f"The model '{model}' does not exist; this server serves '{self.config.model_name}'.",
+                param="model", code="model_not_found",
+            )
+
+    def shutdown(self) -> None:
+        if self.tokenization is not None:
+            self.tokenization.close()
+        if self.engine is not None:
+            self.engine.shutdown()

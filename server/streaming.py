@@ -1,0 +1,62 @@
+"""Server-sent events: encoding, the SSE response that releases its admission ticket, client disconnects."""
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+DONE_EVENT = b"data: [DONE]\n\n"
+PING_INTERVAL_S = 15.0
+
+
+def encode_json(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def sse_event(payload: Any) -> bytes:
+    return b"data: " + encode_json(payload) + b"\n\n"
+
+
+class GenerationStream(EventSourceResponse):
+    """An SSE response that runs ``on_close`` however it ends (done, client gone, cancelled, never started)."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str]) -> None:
+        super().__init__(events, headers=headers, sep="\n", ping=PING_INTERVAL_S)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+class ClientDisconnected(Exception):
+    """The client went away before a non-streaming response was ready."""
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs ``work``; if the client disconnects first, cancels it (which aborts its engine requests)."""
+    work_task = asyncio.ensure_future(work)
+    disconnect_task = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect_task.cancel()
+        if not work_task.done():
+            work_task.cancel()
+            await asyncio.gather(work_task, return_exceptions=True)
+    if work_task.cancelled():
+        raise ClientDisconnected()
+    return work_task.result()
