@@ -159,9 +159,9 @@ class Dots1MoE(nn.Module):
         if config.n_shared_experts > 0:
             self.shared_experts = GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
                                            parallel, dtype, reduce_output=False)
-        self.expert_counts: torch.Tensor | None = None  # [E] int64 token-expert pairs since the last take
-        if count_experts:
-            self.expert_counts = nn.Buffer(torch.zeros(config.n_routed_experts, dtype=torch.int64), persistent=False)
+        # [E] int64 token-expert pairs since the model last handed them out; None when not counting.
+        self.expert_counts = (nn.Buffer(torch.zeros(config.n_routed_experts, dtype=torch.int64), persistent=False)
+                              if count_experts else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = self.gate(x)

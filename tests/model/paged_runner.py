@@ -13,7 +13,7 @@ class PagedRunner:
         self.model = model
         self.block_size = block_size
         dtype = model.embed_tokens.weight.dtype
-        self.kv_caches = allocate_kv_cache(model.config, num_blocks, block_size, dtype, "cpu")
+        self.kv_caches = allocate_kv_cache(model.config, num_blocks, block_size, dtype, "cpu", model.parallel)
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)  # block tables come out non-contiguous and unordered
         self.block_tables: dict[int, list[int]] = {}
