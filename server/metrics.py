@@ -128,6 +128,8 @@ class ServerMetrics:
         self.http_requests.labels(self.model_name, route, method, str(status)).inc()
 
     def record_rejected(self, reason: str) -> None:
+        if reason == ENGINE_ERROR_REASON:
+            return  # the engine reports these itself (finish reason "error"); counting both would count them twice
         self.request_failures.labels(self.model_name, reason).inc()
 
     def set_ready(self, ready: bool) -> None:

@@ -91,6 +91,13 @@ def test_finish_reasons_split_into_successes_and_engine_failures(metrics):
     assert sample(metrics, "dots_serve_e2e_request_latency_seconds_count") == 5
 
 
+def test_engine_errors_count_once_when_the_server_also_reports_them(metrics):
+    metrics.on_request_finished(finished(finish_reason="error"))
+    metrics.record_rejected("engine_error")  # the server turning the same failure into an HTTP error
+
+    assert sample(metrics, "dots_serve_request_failures_total", reason="engine_error") == 1
+
+
 def test_request_aborted_while_waiting_has_only_end_to_end_latency(metrics):
     metrics.on_request_finished(
         finished(first_scheduled_time=None, first_token_time=None, token_times=[], generation_tokens=0,
