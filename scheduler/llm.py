@@ -1,0 +1,91 @@
+"""Offline batch inference through the same engine the server uses: ``LLM(model=...).generate(prompts, params)``."""
+import itertools
+from dataclasses import dataclass, field, fields
+
+from model.embedded import EMBEDDED_MODEL_DIR
+from scheduler.config import EngineConfig
+from scheduler.engine import LLMEngine
+from scheduler.outputs import RequestOutput, TokenLogprob
+from scheduler.sampling_params import SamplingParams
+from scheduler.stats import StatsListener
+
+
+@dataclass
+class Completion:
+    """One finished choice."""
+
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class GenerationResult:
+    """Everything one prompt produced, in the order of the prompts given to ``generate``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    error: str | None = None
+
+
+class LLM:
+    def __init__(
+        self, model: str = str(EMBEDDED_MODEL_DIR), stats_listener: StatsListener | None = None, **engine_options: object
+    ) -> None:
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = sorted(set(engine_options) - known)
+        if unknown:
+            raise TypeError(f"unknown engine options {unknown}; known: {sorted(known - {'model'})}")
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_options), stats_listener)
+        self.tokenizer = self.engine.tokenizer
+        self._request_ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[GenerationResult]:
+        """Runs every prompt (text, or token ids) to completion; invalid input raises before anything runs."""
+        if params is None:
+            params = SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for ids, p in zip(prompt_ids, params_list):
+            self.engine.check_request(ids, p)
+        results: dict[str, GenerationResult] = {}
+        for ids, p in zip(prompt_ids, params_list):
+            request_id = f"offline-{next(self._request_ids)}"
+            results[request_id] = GenerationResult(request_id, ids, [Completion(i, "") for i in range(p.n)])
+            self.engine.add_request(request_id, ids, p)
+        while self.engine.has_unfinished():
+            for output in self.engine.step():
+                _accumulate(results[output.request_id], output)
+        return list(results.values())
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _accumulate(result: GenerationResult, output: RequestOutput) -> None:
+    result.num_cached_tokens = output.num_cached_tokens
+    if output.prompt_logprobs is not None:
+        result.prompt_logprobs = output.prompt_logprobs
+    if output.error is not None:
+        result.error = output.error
+    for delta in output.outputs:
+        completion = result.outputs[delta.index]
+        completion.text += delta.text
+        completion.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            completion.logprobs = (completion.logprobs or []) + delta.logprobs
+        if delta.finish_reason is not None:
+            completion.finish_reason = delta.finish_reason
+            completion.stop_reason = delta.stop_reason
