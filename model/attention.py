@@ -16,15 +16,18 @@ class Dots1Attention(nn.Module):
         super().__init__()
         head_dim = config.head_dim
         self.head_dim = head_dim
-        self.num_heads = parallel.shard(config.num_attention_heads, "num_attention_heads")[1]
-        self.num_kv_heads = parallel.shard(config.num_key_value_heads, "num_key_value_heads")[1]
+        first_head, self.num_heads = parallel.shard(config.num_attention_heads, "num_attention_heads")
+        first_kv_head, self.num_kv_heads = parallel.shard_heads(config.num_key_value_heads, "num_key_value_heads")
         self.scale = head_dim ** -0.5
         self.window = config.window_of_layer(layer_id)
+        q_shard = (first_head * head_dim, self.num_heads * head_dim)
+        kv_shard = (first_kv_head * head_dim, self.num_kv_heads * head_dim)
         self.qkv_proj = ColumnParallelLinear(
             config.hidden_size,
             [config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim,
              config.num_key_value_heads * head_dim],
             config.attention_bias, parallel, dtype, names=["q_proj", "k_proj", "v_proj"],
+            shards=[q_shard, kv_shard, kv_shard],
         )
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
                                         config.attention_bias, parallel, dtype, name="o_proj")

@@ -6,7 +6,7 @@ from model.parallel import ParallelState
 
 
 def _kv_heads_on_rank(config: ModelConfig, parallel: ParallelState | None) -> int:
-    return (parallel or ParallelState()).shard(config.num_key_value_heads, "num_key_value_heads")[1]
+    return (parallel or ParallelState()).shard_heads(config.num_key_value_heads, "num_key_value_heads")[1]
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype,

@@ -13,17 +13,20 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows split across ranks.
 
     ``output_sizes`` lists checkpoint matrices stacked along the output (q/k/v, or gate/up) so one matmul computes
-    them all; each is split across ranks on its own, so every rank holds its part of each.
+    them all; each is split across ranks on its own, so every rank holds its part of each. ``shards`` gives each
+    matrix's (first row, rows) on this rank instead of an equal split (replicated kv heads).
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool, parallel: ParallelState,
-                 dtype: torch.dtype, names: list[str] | None = None) -> None:
+                 dtype: torch.dtype, names: list[str] | None = None,
+                 shards: list[tuple[int, int]] | None = None) -> None:
         super().__init__()
         self.input_size = input_size
         self.output_sizes = output_sizes
         self.parallel = parallel
-        self.local_sizes = [parallel.shard(size, f"output size of {name}")[1]
-                            for size, name in zip(output_sizes, names or ["a projection"] * len(output_sizes))]
+        self.shards = shards or [parallel.shard(size, f"output size of {name}")
+                                 for size, name in zip(output_sizes, names or ["a projection"] * len(output_sizes))]
+        self.local_sizes = [size for _, size in self.shards]
         self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), input_size, dtype=dtype), requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(sum(self.local_sizes), dtype=dtype), requires_grad=False)
                      if bias else None)
@@ -32,7 +35,7 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def weight_loader(self, param: nn.Parameter, source: CheckpointTensor, shard_id: int = 0) -> None:
-        start, size = self.parallel.shard(self.output_sizes[shard_id], source.name)
+        start, size = self.shards[shard_id]
         offset = sum(self.local_sizes[:shard_id])
         param.data[offset:offset + size].copy_(source.read(slice(start, start + size)))
 

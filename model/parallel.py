@@ -31,6 +31,16 @@ class ParallelState:
         size = total // self.world_size
         return self.rank * size, size
 
+    def shard_heads(self, total: int, what: str) -> tuple[int, int]:
+        """(first head, heads) of this rank; with fewer heads than ranks each head is replicated on
+        ``world_size // total`` consecutive ranks, so a rank holds the one head its query heads share."""
+        if total >= self.world_size:
+            return self.shard(total, what)
+        if self.world_size % total:
+            raise ValueError(f"{what} ({total}) must divide or be divisible by the tensor-parallel world size "
+                             f"({self.world_size})")
+        return self.rank * total // self.world_size, 1
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sums ``tensor`` over ranks in place."""
         if self.is_parallel:
