@@ -55,7 +55,8 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._dead is None and not self._stopping and self._thread is not None and self._thread.is_alive()
+        return (self._dead is None and not self._stopping and self._thread is not None and self._thread.is_alive()
+                and self.engine.executor.is_alive)
 
     @property
     def num_running(self) -> int:

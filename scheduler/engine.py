@@ -9,8 +9,8 @@ from model.generation_config import load_generation_defaults
 from scheduler.block_manager import BlockManager
 from scheduler.config import EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer
-from scheduler.model_runner import ModelExecutor
-from scheduler.outputs import CompletionDelta, RequestOutput, RequestRejected
+from scheduler.executor_factory import create_executor
+from scheduler.outputs import CompletionDelta, EngineDeadError, RequestOutput, RequestRejected
 from scheduler.request import Request
 from scheduler.sampler import Sampler, logprobs_with_top
 from scheduler.sampling_params import InvalidParameterError, SamplingParams
@@ -28,7 +28,7 @@ EXPERT_COUNTS_FLUSH_S = 1.0
 class LLMEngine:
     def __init__(self, config: EngineConfig, stats_listener: StatsListener | None = None) -> None:
         self.config = config
-        self.executor = ModelExecutor(config)
+        self.executor = create_executor(config)
         self.model_config = self.executor.model_config
         self.num_kv_blocks = self.executor.num_kv_blocks
         self.tokenizer = load_tokenizer(config.model)
@@ -153,6 +153,8 @@ class LLMEngine:
                 logits = self.executor.execute(plan.batch)  # [L, V]
                 sampled = self.sampler.sample(logits[plan.sample_rows], plan.sample_seqs) if plan.sample_seqs else None
                 self._record_prompt_logprobs(plan, logits)
+            except EngineDeadError:  # the executor cannot run again (a tensor-parallel rank is gone)
+                raise
             except Exception as error:  # a failing forward fails this batch only; the engine keeps serving
                 logger.exception("engine step failed; failing the requests in its batch")
                 batch_request_ids = dict.fromkeys(seq.request_id for seq, _ in sched.scheduled)

@@ -47,6 +47,11 @@ class ModelExecutor:
             self.num_kv_blocks, config.block_size, self.num_kv_blocks * bytes_per_block / 2**20, self.device,
         )
 
+    @property
+    def is_alive(self) -> bool:
+        """False once shut down (a tensor-parallel executor is also dead once a rank is)."""
+        return self.model is not None
+
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         """Runs one step; float32 logits [len(batch.logits_indices), vocab] on the model's device."""
         with torch.inference_mode():

@@ -1,3 +1,4 @@
 from server.cli import main
 
-main()
+if __name__ == "__main__":  # tensor-parallel workers are spawned and re-import this module as __mp_main__
+    main()
