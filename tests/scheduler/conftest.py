@@ -27,7 +27,8 @@ class RecordingListener:
 
 
 def make_llm(**options: object) -> LLM:
-    return LLM(stats_listener=RecordingListener(), **options)
+    """float32 on whatever device "auto" picks, so results compare exactly with the fp32 references."""
+    return LLM(stats_listener=RecordingListener(), dtype="float32", **options)
 
 
 def random_prompts(count: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:

@@ -14,7 +14,7 @@ from scheduler.sampling_params import SamplingParams
 
 
 def start_engine(**options: object) -> AsyncEngine:
-    engine = AsyncEngine(EngineConfig(kv_cache_memory=8 << 20, **options), RecordingListener())
+    engine = AsyncEngine(EngineConfig(dtype="float32", kv_cache_memory=8 << 20, **options), RecordingListener())
     engine.start()
     return engine
 
