@@ -64,24 +64,21 @@ def fit_to_context(
 ) -> SamplingParams:
     """The params with ``max_tokens`` resolved for this prompt; 400 ``context_length_exceeded`` if it cannot fit."""
     room = max_model_len - prompt_tokens
-    if params.max_tokens is None:
-        if room < 1:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {max_model_len} tokens. However, the prompt has "
-                f"{prompt_tokens} tokens, which leaves no room for the completion (at least 1 token). "
-                "Please shorten the prompt.",
-                param=prompt_param,
-                code="context_length_exceeded",
+    if params.max_tokens is not None and params.max_tokens <= room:
+        return params
+    if params.max_tokens is None and room >= 1:
+        if params.min_tokens > room:
+            raise invalid_request(
+                f"min_tokens ({params.min_tokens}) exceeds the {room} tokens left in the context after the prompt",
+                param="min_tokens",
             )
         return replace(params, max_tokens=room)
-    if params.max_tokens > room:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_tokens + params.max_tokens} tokens ({prompt_tokens} in the prompt, {params.max_tokens} for "
-            f"the completion). Please reduce the prompt or {max_tokens_param}.",
-            param=max_tokens_param,
-            code="context_length_exceeded",
-        )
-    return params
+    requested = 1 if params.max_tokens is None else params.max_tokens
+    raise APIError(
+        400,
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the completion). "
+        f"Please reduce the length of the prompt or {max_tokens_param}.",
+        param=prompt_param if room < 1 else max_tokens_param,
+        code="context_length_exceeded",
+    )

@@ -90,16 +90,15 @@ class Completions(GenerationRoute[CompletionRequest]):
     ) -> AsyncIterator[bytes]:
         header = {"id": record.completion_id, "object": "text_completion", "created": int(time.time()),
                   "model": self.config.model_name}
-        with_usage = body.include_usage or body.continuous_usage_stats
         cached: dict[int, int] = {}
         echo = ChoiceEcho(self, body, generation)
         started: set[int] = set()
 
         def chunk(choice: dict) -> bytes:
             payload = {**header, "choices": [choice]}
-            if with_usage:
-                running = usage(record.prompt_tokens, record.completion_tokens, sum(cached.values()))
-                payload["usage"] = running if body.continuous_usage_stats else None
+            # Unlike chat chunks, the completion schema has no null usage: it is absent until there is one.
+            if body.continuous_usage_stats:
+                payload["usage"] = usage(record.prompt_tokens, record.completion_tokens, sum(cached.values()))
             return sse_event(payload)
 
         async for updates in generate(engine, generation, ticket):

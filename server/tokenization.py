@@ -59,14 +59,12 @@ class Tokenization:
 
     async def completion_prompts(self, prompt: Prompt) -> list[PromptInput]:
         """Accepts a string, a list of strings, a list of token ids or a list of token-id lists."""
-        if isinstance(prompt, str):
-            prompt = [prompt]
         if not prompt:
             raise invalid_request("prompt must not be empty", param="prompt")
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            prompt = [prompt]
         if len(prompt) > MAX_PROMPTS_PER_REQUEST:
             raise invalid_request(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", param="prompt")
-        if isinstance(prompt[0], int):
-            prompt = [prompt]
         inputs = []
         for item in prompt:
             if isinstance(item, str):
