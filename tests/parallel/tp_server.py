@@ -1,0 +1,95 @@
+"""A real ``python -m server --tensor-parallel-size 2`` subprocess on 127.0.0.1, and its worker processes."""
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 180.0
+TP_FLAGS = ["--tensor-parallel-size", "2", "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB",
+            "--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--no-expert-metrics"]
+WORKER_PID_LINE = re.compile(r"tensor-parallel rank 1: worker process pid (\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def is_running(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+class TensorParallelServer:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(tempfile.mkstemp(prefix="dots-serve-tp-", suffix=".log")[1])
+        args = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *TP_FLAGS]
+        with open(self.log, "wb") as output:
+            self.process = subprocess.Popen(args, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=os.environ)
+        try:
+            wait_until(self.is_ready, STARTUP_TIMEOUT_S, "the server to become ready")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"the server did not become ready:\n{self.log_text()}") from None
+        match = WORKER_PID_LINE.search(self.log_text())
+        assert match is not None, self.log_text()
+        self.worker_pid = int(match.group(1))
+
+    def is_ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log_text()}")
+        return httpx.get(f"{self.url}/ready", timeout=5).status_code == 200
+
+    def health_status(self) -> int:
+        return httpx.get(f"{self.url}/health", timeout=5).status_code
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "TensorParallelServer":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        self.log.unlink(missing_ok=True)
