@@ -1,6 +1,7 @@
 """Admission of generation requests: a cap on concurrent ones (429), and draining on shutdown (503)."""
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.errors import APIError
@@ -12,9 +13,22 @@ DRAIN_ABORT_GRACE_S = 5.0  # after aborting, how long requests get to send their
 
 @dataclass(eq=False)
 class Ticket:
-    """One admitted request. ``abort`` is set when the drain deadline passes: finish now with ``abort``."""
+    """One admitted request. When the drain deadline passes, ``abort`` aborts its engine requests."""
 
-    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    engine_requests: dict[str, Callable[[str], None]] = field(default_factory=dict)  # request id -> abort function
+    aborted: bool = False
+
+    def track(self, request_id: str, abort: Callable[[str], None]) -> None:
+        if request_id in self.engine_requests:
+            return
+        self.engine_requests[request_id] = abort
+        if self.aborted:
+            abort(request_id)
+
+    def abort(self) -> None:
+        self.aborted = True
+        for request_id, abort in self.engine_requests.items():
+            abort(request_id)
 
 
 class Admission:
@@ -55,8 +69,8 @@ class Admission:
         if await self.wait_idle(timeout):
             return
         logger.warning("drain deadline passed: aborting %d request(s)", len(self.in_flight))
-        for ticket in self.in_flight:
-            ticket.abort.set()
+        for ticket in list(self.in_flight):
+            ticket.abort()
         if not await self.wait_idle(DRAIN_ABORT_GRACE_S):
             logger.error("%d request(s) still in flight after the abort grace period", len(self.in_flight))
 

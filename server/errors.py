@@ -86,15 +86,13 @@ def from_validation_error(error: ValidationError | RequestValidationError) -> AP
     return invalid_request(message, param=param)
 
 
-def from_engine_error(error: Exception) -> Exception:
-    """The engine's refusals as API errors; anything else is ours to fix and stays as it is (500)."""
+def from_engine_error(error: RequestRejected | InvalidParameterError | EngineDeadError) -> APIError:
+    """The engine's refusals as API errors."""
     if isinstance(error, RequestRejected):
         return invalid_request(error.message, param=error.param, code=error.code)
     if isinstance(error, InvalidParameterError):
         return invalid_request(str(error), param=error.param)
-    if isinstance(error, EngineDeadError):
-        return APIError(503, f"The engine has stopped: {error}", code="engine_dead")
-    return error
+    return APIError(503, f"The engine has stopped: {error}", code="engine_dead")
 
 
 async def handle_api_error(request: Request, error: APIError) -> JSONResponse:

@@ -12,7 +12,7 @@ from server.protocol.chat import ChatCompletionRequest
 from server.request_log import RequestRecord
 from server.sampling import build_sampling_params, fit_to_context
 from server.serving import GenerationRoute, usage
-from server.streaming import DONE_EVENT, sse_event
+from server.streaming import DONE_EVENT, ChunkEncoder
 from server.unsupported import reject_unsupported_chat
 
 
@@ -54,46 +54,41 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
     ) -> AsyncIterator[bytes]:
         header = {"id": record.completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
                   "model": self.config.model_name}
-        with_usage = body.include_usage or body.continuous_usage_stats
+        chunks = ChunkEncoder(header, with_usage=body.include_usage or body.continuous_usage_stats)
         cached_tokens = 0
 
-        def chunk(choice: dict, **extra: object) -> bytes:
-            payload = {**header, "choices": [choice], **extra}
-            if with_usage:
-                payload["usage"] = (
-                    usage(record.prompt_tokens, record.completion_tokens, cached_tokens)
-                    if body.continuous_usage_stats else None
-                )
-            return sse_event(payload)
+        def running_usage() -> dict | None:
+            if not body.continuous_usage_stats:
+                return None
+            return usage(record.prompt_tokens, record.completion_tokens, cached_tokens)
 
-        prompt_ids = {"prompt_token_ids": generation.prompts[0].token_ids} if body.return_token_ids else {}
+        prompt_ids = {"prompt_token_ids": generation.prompts[0].token_ids} if body.return_token_ids else None
         yield b"".join(
-            chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                   "finish_reason": None}, **(prompt_ids if index == 0 else {}))
+            chunks.event({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}, running_usage(), extra=prompt_ids if index == 0 else None)
             for index in range(body.n)
         )
-        async for updates in generate(engine, generation, ticket):
+        async for update in generate(engine, generation, ticket):
+            cached_tokens = update.num_cached_tokens
             events = []
-            for update in updates:
-                cached_tokens = update.num_cached_tokens or cached_tokens
-                for delta in update.deltas:
-                    record.saw_tokens(len(delta.token_ids))
-                    if delta.text or delta.token_ids:
-                        choice = {"index": delta.index, "delta": {"content": delta.text},
-                                  "logprobs": self.logprobs(body, delta.logprobs), "finish_reason": None}
-                        if body.return_token_ids:
-                            choice["token_ids"] = delta.token_ids
-                        events.append(chunk(choice))
-                    if delta.finish_reason is not None:
-                        record.finish_reasons.append(delta.finish_reason)
-                        events.append(chunk({"index": delta.index, "delta": {}, "logprobs": None,
-                                             "finish_reason": delta.finish_reason}))
+            for delta in update.deltas:
+                record.saw_tokens(len(delta.token_ids))
+                if delta.text or delta.token_ids:
+                    choice = {"index": delta.index, "delta": {"content": delta.text},
+                              "logprobs": self.logprobs(body, delta.logprobs), "finish_reason": None}
+                    if body.return_token_ids:
+                        choice["token_ids"] = delta.token_ids
+                    events.append(chunks.event(choice, running_usage()))
+                if delta.finish_reason is not None:
+                    record.finish_reasons.append(delta.finish_reason)
+                    finish = {"index": delta.index, "delta": {}, "logprobs": None, "finish_reason": delta.finish_reason}
+                    events.append(chunks.event(finish, running_usage()))
             if events:
                 yield b"".join(events)
         if body.include_usage:
-            yield sse_event({**header, "choices": [],
-                             "usage": usage(record.prompt_tokens, record.completion_tokens, cached_tokens)})
-        yield DONE_EVENT
+            yield chunks.event(None, usage(record.prompt_tokens, record.completion_tokens, cached_tokens)) + DONE_EVENT
+        else:
+            yield DONE_EVENT
 
     async def collect(
         self, body: ChatCompletionRequest, engine: AsyncEngine, generation: GenerationInput, ticket: Ticket,
@@ -104,17 +99,16 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
         entries: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
         finish_reasons: list[str | None] = [None] * body.n
         cached_tokens = 0
-        async for updates in generate(engine, generation, ticket):
-            for update in updates:
-                cached_tokens = update.num_cached_tokens or cached_tokens
-                for delta in update.deltas:
-                    record.saw_tokens(len(delta.token_ids))
-                    texts[delta.index].append(delta.text)
-                    token_ids[delta.index].extend(delta.token_ids)
-                    entries[delta.index].extend(delta.logprobs or [])
-                    if delta.finish_reason is not None:
-                        finish_reasons[delta.index] = delta.finish_reason
-                        record.finish_reasons.append(delta.finish_reason)
+        async for update in generate(engine, generation, ticket):
+            cached_tokens = update.num_cached_tokens
+            for delta in update.deltas:
+                record.saw_tokens(len(delta.token_ids))
+                texts[delta.index].append(delta.text)
+                token_ids[delta.index].extend(delta.token_ids)
+                entries[delta.index].extend(delta.logprobs or [])
+                if delta.finish_reason is not None:
+                    finish_reasons[delta.index] = delta.finish_reason
+                    record.finish_reasons.append(delta.finish_reason)
         choices = []
         for index in range(body.n):
             choice = {

@@ -11,7 +11,7 @@ from server.protocol.completions import CompletionRequest
 from server.request_log import RequestRecord
 from server.sampling import build_sampling_params, fit_to_context
 from server.serving import GenerationRoute, usage
-from server.streaming import DONE_EVENT, sse_event
+from server.streaming import DONE_EVENT, ChunkEncoder, sse_event
 from server.unsupported import reject_unsupported_completion
 
 
@@ -90,40 +90,40 @@ class Completions(GenerationRoute[CompletionRequest]):
     ) -> AsyncIterator[bytes]:
         header = {"id": record.completion_id, "object": "text_completion", "created": int(time.time()),
                   "model": self.config.model_name}
+        # Unlike chat chunks, the completion schema has no null usage: it is absent until there is one.
+        chunks = ChunkEncoder(header, with_usage=body.continuous_usage_stats)
         cached: dict[int, int] = {}
         echo = ChoiceEcho(self, body, generation)
         started: set[int] = set()
 
-        def chunk(choice: dict) -> bytes:
-            payload = {**header, "choices": [choice]}
-            # Unlike chat chunks, the completion schema has no null usage: it is absent until there is one.
-            if body.continuous_usage_stats:
-                payload["usage"] = usage(record.prompt_tokens, record.completion_tokens, sum(cached.values()))
-            return sse_event(payload)
+        def running_usage() -> dict | None:
+            if not body.continuous_usage_stats:
+                return None
+            return usage(record.prompt_tokens, record.completion_tokens, sum(cached.values()))
 
-        async for updates in generate(engine, generation, ticket):
+        async for update in generate(engine, generation, ticket):
+            cached[update.prompt_index] = update.num_cached_tokens
+            if update.prompt_logprobs is not None:
+                echo.prompt_logprobs[update.prompt_index] = update.prompt_logprobs
             events = []
-            for update in updates:
-                cached[update.prompt_index] = update.num_cached_tokens or cached.get(update.prompt_index, 0)
-                if update.prompt_logprobs is not None:
-                    echo.prompt_logprobs[update.prompt_index] = update.prompt_logprobs
-                for delta in update.deltas:
-                    record.saw_tokens(len(delta.token_ids))
-                    first = delta.index not in started
-                    started.add(delta.index)
-                    choice = self.choice(body, echo, delta, first)
-                    if choice["text"] or delta.token_ids or (first and body.return_token_ids):
-                        events.append(chunk(choice))
-                    if delta.finish_reason is not None:
-                        record.finish_reasons.append(delta.finish_reason)
-                        events.append(chunk({"index": delta.index, "text": "", "logprobs": None,
-                                             "finish_reason": delta.finish_reason}))
+            for delta in update.deltas:
+                record.saw_tokens(len(delta.token_ids))
+                first = delta.index not in started
+                started.add(delta.index)
+                choice = self.choice(body, echo, delta, first)
+                if choice["text"] or delta.token_ids or (first and body.return_token_ids):
+                    events.append(chunks.event(choice, running_usage()))
+                if delta.finish_reason is not None:
+                    record.finish_reasons.append(delta.finish_reason)
+                    finish = {"index": delta.index, "text": "", "logprobs": None, "finish_reason": delta.finish_reason}
+                    events.append(chunks.event(finish, running_usage()))
             if events:
                 yield b"".join(events)
         if body.include_usage:
-            yield sse_event({**header, "choices": [],
-                             "usage": usage(record.prompt_tokens, record.completion_tokens, sum(cached.values()))})
-        yield DONE_EVENT
+            final_usage = usage(record.prompt_tokens, record.completion_tokens, sum(cached.values()))
+            yield sse_event({**header, "choices": [], "usage": final_usage}) + DONE_EVENT
+        else:
+            yield DONE_EVENT
 
     def choice(self, body: CompletionRequest, echo: ChoiceEcho, delta: CompletionDelta, first: bool) -> dict:
         text = echo.text(delta.index) + delta.text if first and body.echo else delta.text
@@ -146,20 +146,19 @@ class Completions(GenerationRoute[CompletionRequest]):
         }
         echo = ChoiceEcho(self, body, generation)
         cached: dict[int, int] = {}
-        async for updates in generate(engine, generation, ticket):
-            for update in updates:
-                cached[update.prompt_index] = update.num_cached_tokens or cached.get(update.prompt_index, 0)
-                if update.prompt_logprobs is not None:
-                    echo.prompt_logprobs[update.prompt_index] = update.prompt_logprobs
-                for delta in update.deltas:
-                    record.saw_tokens(len(delta.token_ids))
-                    total = merged[delta.index]
-                    total.text += delta.text
-                    total.token_ids.extend(delta.token_ids)
-                    total.logprobs.extend(delta.logprobs or [])
-                    if delta.finish_reason is not None:
-                        total.finish_reason = delta.finish_reason
-                        record.finish_reasons.append(delta.finish_reason)
+        async for update in generate(engine, generation, ticket):
+            cached[update.prompt_index] = update.num_cached_tokens
+            if update.prompt_logprobs is not None:
+                echo.prompt_logprobs[update.prompt_index] = update.prompt_logprobs
+            for delta in update.deltas:
+                record.saw_tokens(len(delta.token_ids))
+                total = merged[delta.index]
+                total.text += delta.text
+                total.token_ids.extend(delta.token_ids)
+                total.logprobs.extend(delta.logprobs or [])
+                if delta.finish_reason is not None:
+                    total.finish_reason = delta.finish_reason
+                    record.finish_reasons.append(delta.finish_reason)
         choices = []
         for index in range(num_choices):
             choice = self.choice(body, echo, merged[index], first=True)

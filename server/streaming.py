@@ -21,6 +21,27 @@ def sse_event(payload: Any) -> bytes:
     return b"data: " + encode_json(payload) + b"\n\n"
 
 
+class ChunkEncoder:
+    """SSE events of one response whose chunks share their leading fields (id, object, created, model): those are
+    encoded once, each chunk then adds only its choice (and usage)."""
+
+    def __init__(self, header: dict[str, Any], with_usage: bool) -> None:
+        self.prefix = b"data: " + encode_json(header)[:-1] + b',"choices":['
+        self.with_usage = with_usage
+
+    def event(
+        self, choice: dict[str, Any] | None, usage: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+    ) -> bytes:
+        """One chunk with ``choice`` (or none); ``usage`` goes in (null when None) only if the response has usage;
+        ``extra`` adds top-level fields."""
+        body = self.prefix + (encode_json(choice) if choice is not None else b"") + b"]"
+        if self.with_usage:
+            body += b',"usage":' + encode_json(usage)
+        if extra:
+            body += b"," + encode_json(extra)[1:-1]
+        return body + b"}\n\n"
+
+
 class GenerationStream(EventSourceResponse):
     """An SSE response that runs ``on_close`` however it ends (done, client gone, cancelled, never started)."""
 

@@ -1,4 +1,4 @@
-"""The server's pure pieces: error locations, token bytes, logprob shapes, delta merging, admission."""
+"""The server's pure pieces: error locations, token bytes, logprob shapes, admission, stream errors."""
 import asyncio
 import json
 import math
@@ -9,11 +9,10 @@ from transformers import AutoTokenizer
 
 from model.embedded import EMBEDDED_MODEL_DIR
 from scheduler.config import EngineConfig
-from scheduler.outputs import CompletionDelta, TokenLogprob
+from scheduler.outputs import TokenLogprob
 from server.admission import Admission
 from server.config import ServerConfig
 from server.errors import APIError, param_from_location
-from server.generation import PromptUpdate, coalesce
 from server.logprobs import LOWEST_LOGPROB, CompletionLogprobs, chat_logprobs
 from server.metrics import ServerMetrics
 from server.request_log import RequestRecord
@@ -61,18 +60,6 @@ def test_completion_logprobs_offsets_run_across_calls(texts: TokenTexts) -> None
     assert "".join(tokens) == "Hello world again"
 
 
-def test_coalesce_merges_steps_per_choice() -> None:
-    def update(index: int, text: str, finish: str | None = None) -> PromptUpdate:
-        return PromptUpdate(0, [CompletionDelta(index, text, [len(text)], [TokenLogprob(1, -1.0)], finish)],
-                            num_cached_tokens=16)
-
-    [merged] = coalesce([update(0, "a"), update(1, "x"), update(0, "b", "stop")])
-    by_index = {delta.index: delta for delta in merged.deltas}
-    assert by_index[0].text == "ab" and by_index[0].token_ids == [1, 1] and by_index[0].finish_reason == "stop"
-    assert len(by_index[0].logprobs) == 2
-    assert by_index[1].text == "x" and by_index[1].finish_reason is None
-
-
 def test_admission_caps_then_drains_then_aborts() -> None:
     async def scenario() -> None:
         admission = Admission(max_concurrent_requests=2)
@@ -86,9 +73,15 @@ def test_admission_caps_then_drains_then_aborts() -> None:
         with pytest.raises(APIError) as draining:
             admission.admit()
         assert draining.value.status == 503
-        await asyncio.wait_for(second.abort.wait(), 30)  # past the deadline the remaining request must abort
-        admission.release(second)
-        await drain
+        aborted: list[str] = []
+
+        def abort_engine_request(request_id: str) -> None:  # the engine ends it, so the request finishes
+            aborted.append(request_id)
+            admission.release(second)
+
+        second.track("engine-request-2", abort_engine_request)
+        await asyncio.wait_for(drain, 30)  # past the deadline the remaining request is aborted, then waited for
+        assert aborted == ["engine-request-2"]
 
     asyncio.run(scenario())
 
