@@ -167,8 +167,8 @@ class ParallelExecutor:
         self._stop_workers(grace_s)
         self._close_process_group()
         self._rank0.stop()
-        if self._shard is not None:
-            self._shard.release()
+        if self._shard is not None and self._failure is None:
+            self._shard.release()  # after a failure a stuck collective could block freeing device memory
 
     def _setup(self, config: EngineConfig, store: dist.Store) -> None:
         self._control = join_process_group(0, self.world_size, store, self.device)
@@ -179,7 +179,12 @@ class ParallelExecutor:
 
     def _step(self, batch: ForwardBatch) -> torch.Tensor:
         send_step(batch, self._control)
-        return self._shard.run(batch)
+        logits = self._shard.run(batch)
+        if self.device.type == "cuda":
+            # Wait here, where the caller watches the workers: a collective stuck on a dead peer must not block the
+            # engine's next sync instead (the sampler syncs on these logits right after anyway).
+            torch.cuda.synchronize(self.device)
+        return logits
 
     def _wait(self, future: Future) -> Any:
         """The job's result; raises TensorParallelError as soon as a worker is seen dead while waiting."""
