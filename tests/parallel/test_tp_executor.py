@@ -7,6 +7,7 @@ import pytest
 import torch
 from tp_checkpoint import PagedDriver, build_checkpoint, chunked_greedy_run
 
+from model.forward_batch import ForwardBatch
 from scheduler.config import EngineConfig
 from scheduler.executor_factory import create_executor
 from scheduler.model_runner import ModelExecutor
@@ -93,6 +94,24 @@ def test_a_killed_worker_fails_the_executor_with_a_clear_error(checkpoint, caplo
         executor.shutdown()
     failures = [r for r in caplog.records if r.levelname == "ERROR" and "cannot continue" in r.getMessage()]
     assert len(failures) == 1
+
+
+def test_a_failed_step_is_final_and_ends_the_worker(checkpoint):
+    model_dir, _ = checkpoint
+    executor = ParallelExecutor(engine_config(model_dir, tensor_parallel_size=2))
+    try:
+        outside = executor.num_kv_blocks + 5  # every rank fails writing K/V to a block that does not exist
+        batch = ForwardBatch.build([[1, 2]], [0], [[outside]], BLOCK_SIZE)
+        with pytest.raises(TensorParallelError):
+            executor.execute(batch)
+        assert not executor.is_alive
+        [process] = executor._workers
+        process.join(30)
+        assert process.exitcode == 1  # it reported its error and left
+        with pytest.raises(TensorParallelError):
+            executor.execute(ForwardBatch.build([[1]], [0], [[0]], BLOCK_SIZE))
+    finally:
+        executor.shutdown()
 
 
 def test_a_shape_that_does_not_split_is_refused_and_leaves_no_worker(checkpoint):
