@@ -75,12 +75,14 @@ async def pump(updates: AsyncIterator[PromptUpdate], queue: asyncio.Queue) -> No
         queue.put_nowait(error)
 
 
-async def generate(engine: AsyncEngine, generation: GenerationInput, ticket: Ticket) -> AsyncIterator[PromptUpdate]:
+def generate(engine: AsyncEngine, generation: GenerationInput, ticket: Ticket) -> AsyncIterator[PromptUpdate]:
     """Updates of every prompt until all their choices finished."""
     if len(generation.prompts) == 1:
-        async for update in prompt_updates(engine, generation, 0, ticket):
-            yield update
-        return
+        return prompt_updates(engine, generation, 0, ticket)
+    return merged_updates(engine, generation, ticket)
+
+
+async def merged_updates(engine: AsyncEngine, generation: GenerationInput, ticket: Ticket) -> AsyncIterator[PromptUpdate]:
     queue: asyncio.Queue = asyncio.Queue()
     pumps = [
         asyncio.create_task(pump(prompt_updates(engine, generation, index, ticket), queue))
