@@ -76,8 +76,15 @@ class Dots1ForCausalLM(nn.Module):
         cos, sin = self.rotary(batch.positions, seq_lens, hidden.dtype)  # [T, D]
         for layer, (key_cache, value_cache) in zip(self.layers, kv_caches):
             hidden = layer(hidden, cos, sin, key_cache, value_cache, batch.slot_mapping, metadata)
-        hidden = self.norm(hidden[batch.logits_indices])  # [L, H]
+        hidden = self.norm(hidden.index_select(0, batch.logits_indices))  # [L, H]
         return self.lm_head(hidden)
+
+    def pack_weights_for_cpu(self) -> None:
+        """Re-lays out every projection weight for oneDNN (see ``model.linear.pack_weight``); call once after
+        loading, on the CPU only. Embedding and norm weights stay as they are."""
+        for module in list(self.modules()):
+            if module is not self and hasattr(module, "pack_weights"):
+                module.pack_weights()
 
     def take_expert_counts(self) -> tuple[list[int], torch.Tensor] | None:
         """(MoE layer ids, int64 CPU counts [n_moe_layers, n_experts]) accumulated since the last call, then reset."""

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.linear import linear, pack_weight
 from model.parallel import ParallelState
 from model.weights import CheckpointTensor, WeightTarget
 
@@ -52,9 +53,12 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.tied = tied_to is not None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, rows_per_rank]
+        logits = linear(hidden, self.weight)  # [N, rows_per_rank]
         logits = self.parallel.all_gather(logits, dim=-1)[:, :self.vocab_size]
         return logits.float()
+
+    def pack_weights(self) -> None:
+        self.weight = pack_weight(self.weight)  # a tied embedding keeps its own plain weight
 
     def weight_targets(self, key: str) -> dict[str, WeightTarget]:
         if self.tied:

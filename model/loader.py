@@ -15,6 +15,7 @@ from tqdm import tqdm
 from model.checkpoint import TensorEntry, read_checkpoint_headers
 from model.config import ModelConfig
 from model.dots1 import Dots1ForCausalLM
+from model.linear import can_pack_weights
 from model.parallel import ParallelState
 from model.weights import CheckpointTensor, WeightTarget
 
@@ -39,6 +40,8 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
         initialize_dummy_weights(model)
     else:
         load_checkpoint(model, entries)
+    if can_pack_weights(torch.device(device)):
+        model.pack_weights_for_cpu()
     return model.eval()
 
 

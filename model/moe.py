@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.linear import linear, pack_weight
 from model.mlp import GatedMLP
 from model.parallel import ParallelState
 from model.weights import CheckpointTensor, WeightTarget
@@ -29,7 +30,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (combine weights [T, k] float32, expert ids [T, k] int64)."""
-        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
+        scores = linear(x.float(), self.weight).sigmoid()  # [T, E]
         choice = scores + self.e_score_correction_bias
         if self.topk_group < self.n_group:
             choice = self._mask_unpicked_groups(choice)
@@ -47,6 +48,9 @@ class TopKRouter(nn.Module):
         picked = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, picked, True)  # [T, G]
         return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(num_tokens, -1)
+
+    def pack_weights(self) -> None:
+        self.weight = pack_weight(self.weight)
 
     def weight_loader(self, param: nn.Parameter, source: CheckpointTensor) -> None:
         param.data.copy_(source.read())
@@ -77,54 +81,65 @@ class RoutedExperts(nn.Module):
         else:
             self.expert_start, self.num_local_experts = 0, self.num_experts
             self.inter_start, self.local_intermediate = parallel.shard(self.intermediate_size, "moe_intermediate_size")
-        local_experts, inter, hidden = self.num_local_experts, self.local_intermediate, self.hidden_size
-        self.w13 = nn.Parameter(torch.empty(local_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(local_experts, hidden, inter, dtype=dtype), requires_grad=False)
+        inter, hidden = self.local_intermediate, self.hidden_size
+        # One [2I, H] gate-and-up and one [H, I] down weight per local expert, gate rows before up rows.
+        self.w13 = nn.ParameterList([torch.empty(2 * inter, hidden, dtype=dtype)
+                                     for _ in range(self.num_local_experts)])
+        self.w2 = nn.ParameterList([torch.empty(hidden, inter, dtype=dtype) for _ in range(self.num_local_experts)])
+        for param in self.parameters():
+            param.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                 pair_counts: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/expert_ids [T, k], pair_counts [E] (pairs per expert) -> weighted expert sum [T, H]."""
-        top_k = expert_ids.shape[1]
-        order = expert_ids.view(-1).argsort(stable=True)  # pairs grouped by expert
+        num_tokens, top_k = expert_ids.shape
+        order = expert_ids.view(-1).argsort(stable=True)  # [T * k] pairs grouped by expert
         counts = pair_counts.tolist()
         first = sum(counts[:self.expert_start])
         local_counts = counts[self.expert_start:self.expert_start + self.num_local_experts]
-        order = order[first:first + sum(local_counts)]
-        token_of_pair = order // top_k  # [P]
-        inputs = x[token_of_pair]  # [P, H]
+        order = order[first:first + sum(local_counts)]  # [P] this rank's pairs
+        inputs = x.index_select(0, order // top_k)  # [P, H]
         outputs = torch.empty_like(inputs)
         start = 0
         for local_expert, count in enumerate(local_counts):
             if count == 0:
                 continue
             rows = slice(start, start + count)
-            gate_up = F.linear(inputs[rows], self.w13[local_expert])  # [n, 2 * I]
+            gate_up = linear(inputs[rows], self.w13[local_expert])  # [n, 2 * I]
             gate, up = gate_up.split(self.local_intermediate, dim=-1)
-            outputs[rows] = F.linear(F.silu(gate) * up, self.w2[local_expert])
+            outputs[rows] = linear(F.silu(gate) * up, self.w2[local_expert])
             start += count
-        weighted = (outputs * weights.view(-1)[order][:, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of_pair, weighted)
+        per_pair = x.new_zeros(num_tokens * top_k, x.shape[1]).index_copy_(0, order, outputs)  # [T * k, H]
+        return (per_pair.view(num_tokens, top_k, -1) * weights[:, :, None]).sum(dim=1).to(x.dtype)
+
+    def pack_weights(self) -> None:
+        for weights in (self.w13, self.w2):
+            for index, weight in enumerate(weights):
+                weights[index] = pack_weight(weight)
 
     def load_gate_or_up(self, expert: int, half: int, source: CheckpointTensor) -> None:
         rows = slice(self.inter_start, self.inter_start + self.local_intermediate)
         destination = slice(half * self.local_intermediate, (half + 1) * self.local_intermediate)
-        self.w13.data[expert - self.expert_start, destination].copy_(source.read(rows))
+        self.w13[expert - self.expert_start].data[destination].copy_(source.read(rows))
 
     def load_down(self, expert: int, source: CheckpointTensor) -> None:
         columns = slice(self.inter_start, self.inter_start + self.local_intermediate)
-        self.w2.data[expert - self.expert_start].copy_(source.read(slice(None), columns))
+        self.w2[expert - self.expert_start].data.copy_(source.read(slice(None), columns))
 
     def load_fused_gate_up(self, source: CheckpointTensor) -> None:
-        experts = slice(self.expert_start, self.expert_start + self.num_local_experts)
-        for half in (0, 1):
-            start = half * self.intermediate_size + self.inter_start
-            destination = slice(half * self.local_intermediate, (half + 1) * self.local_intermediate)
-            self.w13.data[:, destination].copy_(source.read(experts, slice(start, start + self.local_intermediate)))
+        for local_expert in range(self.num_local_experts):
+            expert = slice(self.expert_start + local_expert, self.expert_start + local_expert + 1)
+            for half in (0, 1):
+                start = half * self.intermediate_size + self.inter_start
+                destination = slice(half * self.local_intermediate, (half + 1) * self.local_intermediate)
+                part = source.read(expert, slice(start, start + self.local_intermediate))[0]
+                self.w13[local_expert].data[destination].copy_(part)
 
     def load_fused_down(self, source: CheckpointTensor) -> None:
-        experts = slice(self.expert_start, self.expert_start + self.num_local_experts)
         columns = slice(self.inter_start, self.inter_start + self.local_intermediate)
-        self.w2.data.copy_(source.read(experts, slice(None), columns))
+        for local_expert in range(self.num_local_experts):
+            expert = slice(self.expert_start + local_expert, self.expert_start + local_expert + 1)
+            self.w2[local_expert].data.copy_(source.read(expert, slice(None), columns)[0])
 
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
         """Per-expert keys (what checkpoints hold) and the fused layout Transformers 5 keeps in memory."""

@@ -45,6 +45,7 @@ class AttentionMetadata:
     decode: DecodeGroup | None
     prefills: list[PrefillChunk]
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
+    _buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, batch: ForwardBatch, block_size: int) -> "AttentionMetadata":
@@ -99,6 +100,22 @@ class AttentionMetadata:
             self._masks[key] = visible
         return self._masks[key]
 
+    def scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer every layer of this forward reuses: fresh multi-megabyte tensors cost page faults on the CPU."""
+        key = (name, shape, dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self._buffers[key]
+
+    def gather_blocks(self, name: str, cache: torch.Tensor, block_ids: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """cache[block_ids] [n, block_size, Hkv, D] as ``dtype``, in reused buffers."""
+        shape = (block_ids.numel(), *cache.shape[1:])
+        gathered = torch.index_select(cache, 0, block_ids, out=self.scratch(name, shape, cache.dtype, cache.device))
+        if dtype == cache.dtype:
+            return gathered
+        return self.scratch(name, shape, dtype, cache.device).copy_(gathered)
+
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
@@ -117,7 +134,7 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return _decode_attention(query, key_cache, value_cache, metadata, scale, window)
     output = torch.empty_like(query)
     if decode is not None:
-        decoded = _decode_attention(query[decode.token_index], key_cache, value_cache, metadata, scale, window)
+        decoded = _decode_attention(query.index_select(0, decode.token_index), key_cache, value_cache, metadata, scale, window)
         output.index_copy_(0, decode.token_index, decoded)
     for index, chunk in enumerate(metadata.prefills):
         rows = slice(chunk.token_start, chunk.token_end)
@@ -131,13 +148,18 @@ def _decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     group = metadata.decode
     batch, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
-    keys = key_cache[group.block_tables].view(batch, group.num_keys, num_kv_heads, head_dim).transpose(1, 2)
-    values = value_cache[group.block_tables].view(batch, group.num_keys, num_kv_heads, head_dim).transpose(1, 2)
+    # PyTorch's CPU SDPA kernel is ~8x slower on bfloat16 than on float32 for single-query attention.
+    compute_dtype = torch.float32 if query.device.type == "cpu" else query.dtype
+    blocks = group.block_tables.view(-1)
+    keys = metadata.gather_blocks("decode_keys", key_cache, blocks, compute_dtype)  # [B * n_blocks, bs, Hkv, D]
+    values = metadata.gather_blocks("decode_values", value_cache, blocks, compute_dtype)
+    keys = keys.view(batch, group.num_keys, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+    values = values.view(batch, group.num_keys, num_kv_heads, head_dim).transpose(1, 2)
     # Each kv head's query group rides in the "query length" dimension: no repeated keys for GQA.
     grouped_query = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
-    out = F.scaled_dot_product_attention(grouped_query, keys, values, attn_mask=metadata.decode_mask(window),
-                                         scale=scale)  # [B, Hkv, G, D]
-    return out.reshape(batch, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped_query.to(compute_dtype), keys, values,
+                                         attn_mask=metadata.decode_mask(window), scale=scale)  # [B, Hkv, G, D]
+    return out.reshape(batch, num_heads, head_dim).to(query.dtype)
 
 
 def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
@@ -147,8 +169,10 @@ def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
     if chunk.has_prefix:
         head_dim = key.shape[2]
-        key = key_cache[chunk.block_ids].view(-1, num_kv_heads, head_dim)[:chunk.context_len]
-        value = value_cache[chunk.block_ids].view(-1, num_kv_heads, head_dim)[:chunk.context_len]
+        keys = metadata.gather_blocks("prefill_keys", key_cache, chunk.block_ids, key_cache.dtype)
+        values = metadata.gather_blocks("prefill_values", value_cache, chunk.block_ids, value_cache.dtype)
+        key = keys.view(-1, num_kv_heads, head_dim)[:chunk.context_len]
+        value = values.view(-1, num_kv_heads, head_dim)[:chunk.context_len]
     causal_only = not chunk.has_prefix and window is None
     mask = None if causal_only else metadata.prefill_mask(index, window)
     out = F.scaled_dot_product_attention(
