@@ -142,7 +142,8 @@ def main() -> None:
     print(f"{'':28}{'output tokens/s (best)':>24}{'all rounds':>30}")
     print(f"{'offline engine (LLM)':28}{best_offline:24.1f}{'  ' + ', '.join(f'{v:.1f}' for v in offline):>30}")
     print(f"{'server, 16 HTTP streams':28}{best_served:24.1f}{'  ' + ', '.join(f'{v:.1f}' for v in served):>30}")
-    print(f"server / offline: {ratio:.1%} (target >= {TARGET_RATIO:.0%}): {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}")
+    verdict = "PASS" if ratio >= TARGET_RATIO else "FAIL"
+    print(f"server / offline: {ratio:.1%} (target >= {TARGET_RATIO:.0%}): {verdict}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import yaml
 
 from model.embedded import EMBEDDED_MODEL_DIR
 from scheduler.config import EngineConfig
+from server.chat_template import load_chat_template
 from server.config import ServerConfig
 
 API_KEY_ENV = "DOTS_SERVE_API_KEY"
@@ -129,6 +130,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--max-concurrent-requests must be at least 1")
     if args.shutdown_timeout < 0:
         parser.error("--shutdown-timeout must not be negative")
+    try:
+        load_chat_template(args.chat_template)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     return args
 
 

@@ -82,7 +82,9 @@ def generate(engine: AsyncEngine, generation: GenerationInput, ticket: Ticket) -
     return merged_updates(engine, generation, ticket)
 
 
-async def merged_updates(engine: AsyncEngine, generation: GenerationInput, ticket: Ticket) -> AsyncIterator[PromptUpdate]:
+async def merged_updates(
+    engine: AsyncEngine, generation: GenerationInput, ticket: Ticket
+) -> AsyncIterator[PromptUpdate]:
     queue: asyncio.Queue = asyncio.Queue()
     pumps = [
         asyncio.create_task(pump(prompt_updates(engine, generation, index, ticket), queue))

@@ -50,4 +50,5 @@ class CompletionLogprobs:
             top = {self.texts.text(top_id): finite(logprob) for top_id, logprob in entry.top}
             top.setdefault(text, finite(entry.logprob))
             top_logprobs.append(top)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": text_offset}

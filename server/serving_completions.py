@@ -44,7 +44,9 @@ class ChoiceEcho:
             self.logprob_builders[choice_index] = CompletionLogprobs(self.route.state.token_texts)
         return self.logprob_builders[choice_index]
 
-    def logprobs(self, choice_index: int, entries: list[TokenLogprob], token_ids: list[int], first: bool) -> dict | None:
+    def logprobs(
+        self, choice_index: int, entries: list[TokenLogprob], token_ids: list[int], first: bool
+    ) -> dict | None:
         """The logprobs of ``token_ids`` (with the echoed prompt's in front on the ``first`` call)."""
         if self.body.logprobs is None:
             return None

@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerBase
 @lru_cache(maxsize=1)
 def byte_level_alphabet() -> dict[str, int]:
     """Inverse of the GPT-2 byte-level BPE alphabet: printable stand-in character -> byte value."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     characters = list(printable)
     shift = 0
     for byte in range(256):

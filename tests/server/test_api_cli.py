@@ -54,6 +54,12 @@ def test_engine_flags_reach_the_engine_config() -> None:
     assert (engine.block_size, engine.max_model_len, engine.load_format) == (32, 1024, "dummy")
 
 
+def test_unreadable_chat_template_is_refused_before_loading() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--chat-template", "/no/such/template.jinja"])
+    assert parse_args(["--chat-template", "{{ messages[0]['content'] }}"]).chat_template
+
+
 def test_byte_sizes() -> None:
     assert byte_size("1073741824") == 1024**3
     assert byte_size("512MiB") == 512 * 1024**2

@@ -16,11 +16,16 @@ from sse_events import DONE, parse_events
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 
 
+CUSTOM_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                   "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def guarded_server() -> Iterator[ServerProcess]:
-    """API keys from two flags (one comma-separated) and the environment; one request at a time."""
+    """API keys from two flags (one comma-separated) and the environment; one request at a time; a literal
+    chat template overriding the checkpoint's."""
     with ServerProcess("--api-key", "key-one", "--api-key", "key-two,key-three", "--max-concurrent-requests", "1",
-                       env={"DOTS_SERVE_API_KEY": "key-env"}) as process:
+                       "--chat-template", CUSTOM_TEMPLATE, env={"DOTS_SERVE_API_KEY": "key-env"}) as process:
         yield process
 
 
@@ -63,6 +68,12 @@ def test_over_the_concurrency_cap_gets_429(guarded_server: ServerProcess) -> Non
         wait_for(lambda: http.get("/health").json()["in_flight_requests"] == 0, 30, "the stream to be released")
         after = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2})
         assert after.status_code == 200
+
+
+def test_chat_template_flag_overrides_the_checkpoint_template(guarded_server: ServerProcess) -> None:
+    with httpx.Client(base_url=guarded_server.url, timeout=30, headers=bearer("key-one")) as http:
+        tokens = http.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()["tokens"]
+        assert http.post("/detokenize", json={"tokens": tokens}).json()["prompt"] == "[user]Hi[assistant]"
 
 
 class StreamInBackground:

@@ -25,7 +25,9 @@ def test_tokenize_messages_uses_the_chat_template(http: httpx.Client) -> None:
     messages = [{"role": "user", "content": "Hi"}]
     tokens = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
     rendered = http.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
-    assert rendered == "<|system|>You are a helpful assistant.<|endofsystem|><|userprompt|>Hi<|endofuserprompt|><|response|>"
+    assert rendered == (
+        "<|system|>You are a helpful assistant.<|endofsystem|><|userprompt|>Hi<|endofuserprompt|><|response|>"
+    )
 
 
 def test_probes_and_metrics(http: httpx.Client) -> None:

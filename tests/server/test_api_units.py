@@ -105,3 +105,16 @@ def test_error_after_the_stream_started_is_an_sse_event_then_done() -> None:
                   "code": "engine_dead"}}
     assert done == b"data: [DONE]\n\n"
     assert record.outcome == "error"
+
+
+def test_requests_while_loading_get_503_with_retry_after() -> None:
+    state = ServerState(ServerConfig(served_model_names=["m"]), EngineConfig(), ServerMetrics("m", {}))
+    assert not state.is_ready
+    with pytest.raises(APIError) as loading:
+        state.ready_engine()
+    assert loading.value.status == 503 and loading.value.code == "model_loading"
+    assert loading.value.headers["Retry-After"]
+    state.admission.draining = True
+    with pytest.raises(APIError) as draining:
+        state.ready_engine()
+    assert draining.value.code == "server_draining"
