@@ -8,7 +8,8 @@ from torch import nn
 from model.parallel import ParallelState
 from model.weights import CheckpointTensor, WeightTarget
 
-_ONEDNN = torch.backends.mkldnn.is_available()
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 # oneDNN picks its blocked weight layout for this many rows; measured insensitive from 4 to 256 rows.
 _PACKING_ROWS_HINT = 16
 # Below this many rows oneDNN runs float32 on a slow path (about 1.5x slower at 2 rows than at 4), so fewer rows
