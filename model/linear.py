@@ -12,9 +12,9 @@ _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 # oneDNN picks its blocked weight layout for this many rows; measured insensitive from 4 to 256 rows.
 _PACKING_ROWS_HINT = 16
-# Below this many rows oneDNN runs float32 on a slow path (about 1.5x slower at 2 rows than at 4), so fewer rows
-# are padded up to it.
-_MIN_FLOAT32_ROWS = 4
+# oneDNN's blocked kernels run 1 or 2 rows up to 1.5x slower than 4 (float32 and bfloat16, measured), so fewer
+# rows are padded up to it.
+_MIN_ROWS = 4
 
 
 def can_pack_weights(device: torch.device) -> bool:
@@ -36,8 +36,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not weight.is_mkldnn:
         return F.linear(x, weight, bias)
     rows = x.shape[0]
-    if x.dtype == torch.float32 and rows < _MIN_FLOAT32_ROWS:
-        x = torch.cat([x, x.new_zeros(_MIN_FLOAT32_ROWS - rows, x.shape[1])])
+    if rows < _MIN_ROWS:
+        x = F.pad(x, (0, 0, 0, _MIN_ROWS - rows))
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")[:rows]
 
 
