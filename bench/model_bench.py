@@ -197,7 +197,8 @@ def main() -> None:
             write_checkpoint(model_dir)
         read, copy = memory_bandwidth()
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {options['rounds']} rounds")
-        print("| phase | dtype | batch | context / prompt tokens | ours tok/s | Transformers tok/s | ours / Transformers |")
+        print("| phase | dtype | batch | context / prompt tokens | ours tok/s | Transformers tok/s "
+              "| ours / Transformers |")
         print("|---|---|---|---|---|---|---|", flush=True)
         lines = run(options, model_dir, args.batches, [getattr(torch, name) for name in args.dtypes])
         print(f"\nmemory bandwidth: read {read / 1e9:.1f} GB/s, copy {copy / 1e9:.1f} GB/s (read + write)")

@@ -24,7 +24,8 @@ _METADATA_KEYS = frozenset({
     "pad_token_id", "sep_token_id", "decoder_start_token_id", "_name_or_path", "name_or_path", "return_dict",
     "output_hidden_states", "output_attentions", "torchscript", "chunk_size_feed_forward", "is_encoder_decoder",
     "is_decoder", "id2label", "label2id", "num_labels", "problem_type", "tokenizer_class", "prefix",
-    "task_specific_params", "finetuning_task", "tie_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "task_specific_params", "finetuning_task", "tie_encoder_decoder", "add_cross_attention",
+    "cross_attention_hidden_size",
     "pruned_heads", "auto_map", "use_sliding_window",
 })
 _ROPE_KEYS = frozenset({"rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
@@ -184,7 +185,8 @@ class ModelConfig:
         if self.n_shared_experts < 0:
             raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if self.n_routed_experts % self.n_group:
-            raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
+            raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be divisible by "
+                             f"n_group ({self.n_group})")
         group_size = self.n_routed_experts // self.n_group
         if group_size < 2:
             raise ValueError(f"n_group ({self.n_group}) leaves fewer than 2 experts per group; group scores use the "

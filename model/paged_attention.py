@@ -40,8 +40,6 @@ class DecodeGroup:
 
 @dataclass
 class AttentionMetadata:
-    num_tokens: int
-    block_size: int
     decode: DecodeGroup | None
     prefills: list[PrefillChunk]
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
@@ -71,7 +69,7 @@ class AttentionMetadata:
                 tables = batch.block_tables[seq_index, :n_blocks]
                 lens = batch.context_lens[seq_index]
             decode = DecodeGroup(token_index, tables.long(), lens.long(), n_blocks * block_size)
-        return cls(batch.num_tokens, block_size, decode, prefills)
+        return cls(decode, prefills)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, 1, num_keys] bool: which gathered keys each decode token sees."""
@@ -134,7 +132,8 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return _decode_attention(query, key_cache, value_cache, metadata, scale, window)
     output = torch.empty_like(query)
     if decode is not None:
-        decoded = _decode_attention(query.index_select(0, decode.token_index), key_cache, value_cache, metadata, scale, window)
+        decoded = _decode_attention(query.index_select(0, decode.token_index), key_cache, value_cache, metadata,
+                                    scale, window)
         output.index_copy_(0, decode.token_index, decoded)
     for index, chunk in enumerate(metadata.prefills):
         rows = slice(chunk.token_start, chunk.token_end)
@@ -150,7 +149,7 @@ def _decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     num_kv_heads = key_cache.shape[2]
     # PyTorch's CPU SDPA kernel is ~8x slower on bfloat16 than on float32 for single-query attention.
     compute_dtype = torch.float32 if query.device.type == "cpu" else query.dtype
-    blocks = group.block_tables.view(-1)
+    blocks = group.block_tables.reshape(-1)
     keys = metadata.gather_blocks("decode_keys", key_cache, blocks, compute_dtype)  # [B * n_blocks, bs, Hkv, D]
     values = metadata.gather_blocks("decode_values", value_cache, blocks, compute_dtype)
     keys = keys.view(batch, group.num_keys, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, L, D]

@@ -8,7 +8,8 @@ import torch
 class CheckpointTensor:
     """One named checkpoint tensor, read only in the parts this rank needs (safetensors slices are lazy)."""
 
-    def __init__(self, name: str, origin: str, shape: tuple[int, ...], reader: Callable[[tuple[slice, ...]], torch.Tensor]):
+    def __init__(self, name: str, origin: str, shape: tuple[int, ...],
+                 reader: Callable[[tuple[slice, ...]], torch.Tensor]) -> None:
         self.name = name
         self.origin = origin  # the file it lives in, for error messages
         self.shape = shape

@@ -47,8 +47,8 @@ def fuse_experts(tensors: dict[str, torch.Tensor]) -> None:
     for layer in layers:
         prefix = f"{layer}.mlp.experts"
         num_experts = len({k for k in tensors if k.startswith(prefix) and k.endswith("down_proj.weight")})
-        gate_up = [torch.cat([tensors.pop(f"{prefix}.{e}.gate_proj.weight"), tensors.pop(f"{prefix}.{e}.up_proj.weight")])
-                   for e in range(num_experts)]
+        gate_up = [torch.cat([tensors.pop(f"{prefix}.{e}.gate_proj.weight"),
+                              tensors.pop(f"{prefix}.{e}.up_proj.weight")]) for e in range(num_experts)]
         tensors[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
         tensors[f"{prefix}.down_proj"] = torch.stack([tensors.pop(f"{prefix}.{e}.down_proj.weight")
                                                       for e in range(num_experts)])
@@ -165,9 +165,11 @@ BAD_CHECKPOINTS = {
     "missing_config": (damage_missing_config, r"config\.json not found"),
     "unknown_model_type": (damage_model_type, r"config\.json: unsupported model_type 'llama'"),
     "missing_tensor": (damage_missing_tensor, r"missing tensor 'model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight'"),
-    "extra_tensor": (damage_extra_tensor, r"model\.safetensors: unexpected tensor 'model\.layers\.7\.mlp\.gate\.weight'"),
+    "extra_tensor": (damage_extra_tensor,
+                     r"model\.safetensors: unexpected tensor 'model\.layers\.7\.mlp\.gate\.weight'"),
     "shape_mismatch": (damage_shape,
-                       r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' has shape \[16, 32\]"),
+                       r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' "
+                       r"has shape \[16, 32\]"),
     "corrupt_header": (damage_header, r"model\.safetensors: corrupt or unreadable safetensors file"),
     "index_missing_shard": (damage_index,
                             r"model\.safetensors\.index\.json: points at missing shard 'model-00002-of-00002"),

@@ -114,7 +114,8 @@ def test_chunked_prefill_then_decode_matches_and_continues_greedily(case):
                 assert_close(logits[0], ref_step_logits[offset], f"sequence {seq} decode step {offset}")
             if len(generated[seq]) < DECODE_STEPS:
                 token = int(logits[-1].argmax())
-                assert token == ref_tokens[len(generated[seq])], f"sequence {seq} diverged at token {len(generated[seq])}"
+                position = len(generated[seq])
+                assert token == ref_tokens[position], f"sequence {seq} diverged at generated token {position}"
                 generated[seq].append(token)
             else:
                 generated[seq].append(-1)  # the last decode step's logits were checked; nothing more to feed
