@@ -13,6 +13,9 @@ import torch.nn.functional as F
 
 from model.forward_batch import ForwardBatch
 
+# Gathered keys per decode attention call on the CPU (values take as much again).
+_CPU_DECODE_CHUNK_BYTES = 3 * 2**20
+
 
 @dataclass
 class PrefillChunk:
@@ -147,18 +150,31 @@ def _decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     group = metadata.decode
     batch, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
-    # PyTorch's CPU SDPA kernel is ~8x slower on bfloat16 than on float32 for single-query attention.
-    compute_dtype = torch.float32 if query.device.type == "cpu" else query.dtype
-    blocks = group.block_tables.reshape(-1)
-    keys = metadata.gather_blocks("decode_keys", key_cache, blocks, compute_dtype)  # [B * n_blocks, bs, Hkv, D]
-    values = metadata.gather_blocks("decode_values", value_cache, blocks, compute_dtype)
-    keys = keys.view(batch, group.num_keys, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, L, D]
-    values = values.view(batch, group.num_keys, num_kv_heads, head_dim).transpose(1, 2)
-    # Each kv head's query group rides in the "query length" dimension: no repeated keys for GQA.
+    seqs_per_chunk = batch
+    compute_dtype = query.dtype
+    if query.device.type == "cpu":
+        # PyTorch's CPU SDPA kernel is ~8x slower on bfloat16 than on float32 for single-query attention. And the
+        # gathered history is attended in chunks of sequences small enough to still be in the CPU cache when SDPA
+        # reads it: 1.6x faster at 144 keys per sequence, 2.8x at 512 (measured, batch 16).
+        compute_dtype = torch.float32
+        seq_bytes = group.num_keys * num_kv_heads * head_dim * compute_dtype.itemsize
+        seqs_per_chunk = max(1, _CPU_DECODE_CHUNK_BYTES // seq_bytes)
     grouped_query = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
-    out = F.scaled_dot_product_attention(grouped_query.to(compute_dtype), keys, values,
-                                         attn_mask=metadata.decode_mask(window), scale=scale)  # [B, Hkv, G, D]
-    return out.reshape(batch, num_heads, head_dim).to(query.dtype)
+    mask = metadata.decode_mask(window)  # [B, 1, 1, L]
+    out = torch.empty(batch, num_kv_heads, num_heads // num_kv_heads, head_dim, dtype=compute_dtype,
+                      device=query.device)
+    for start in range(0, batch, seqs_per_chunk):
+        seqs = slice(start, min(start + seqs_per_chunk, batch))
+        blocks = group.block_tables[seqs].reshape(-1)
+        keys = metadata.gather_blocks("decode_keys", key_cache, blocks, compute_dtype)  # [b * n_blocks, bs, Hkv, D]
+        values = metadata.gather_blocks("decode_values", value_cache, blocks, compute_dtype)
+        chunk = seqs.stop - seqs.start
+        keys = keys.view(chunk, group.num_keys, num_kv_heads, head_dim).transpose(1, 2)  # [b, Hkv, L, D]
+        values = values.view(chunk, group.num_keys, num_kv_heads, head_dim).transpose(1, 2)
+        # Each kv head's query group rides in the "query length" dimension: no repeated keys for GQA.
+        out[seqs] = F.scaled_dot_product_attention(grouped_query[seqs].to(compute_dtype), keys, values,
+                                                   attn_mask=mask[seqs], scale=scale)  # [b, Hkv, G, D]
+    return out.view(batch, num_heads, head_dim).to(query.dtype)
 
 
 def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
