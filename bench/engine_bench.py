@@ -9,7 +9,11 @@ request.
 
     .venv/bin/python bench/engine_bench.py            # 64 requests, prompts 32..512, 128 output tokens
     .venv/bin/python bench/engine_bench.py --quick    # 24 requests, prompts 32..128, 32 output tokens
+    .venv/bin/python bench/engine_bench.py --threads 1  # on a shared machine: see below
     .venv/bin/python bench/engine_bench.py --device cuda --dtype bfloat16   # the same comparison on a GPU
+
+On a CPU shared with other busy processes, torch's default of one OpenMP thread per core makes every parallel
+region wait for a descheduled peer thread (small ops become 100x slower); ``--threads 1`` gives stable numbers there.
 """
 import argparse
 import gc
@@ -184,7 +188,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests, shorter prompts and outputs")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both runs (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     prompts = make_prompts(settings)
     print(f"{settings}; {args.device} {args.dtype}; torch threads: {torch.get_num_threads()}", flush=True)

@@ -113,8 +113,8 @@ class AsyncEngine:
         self.engine.executor.shutdown()
 
     def _raise_if_dead(self) -> None:
-        if self._dead is not None or self._stopping:
-            raise EngineDeadError("the engine is not running")
+        if self._thread is None or self._dead is not None or self._stopping:
+            raise EngineDeadError("the engine is not running (not started, shut down, or its loop died)")
 
     def _run(self) -> None:
         try:

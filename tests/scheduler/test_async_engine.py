@@ -153,6 +153,18 @@ def test_a_dead_loop_reports_itself_and_fails_pending_and_new_requests() -> None
     engine.shutdown()
 
 
+def test_an_engine_that_was_never_started_refuses_requests() -> None:
+    engine = AsyncEngine(EngineConfig(dtype="float32", kv_cache_memory=1 << 20))
+    assert not engine.is_alive
+
+    async def main() -> None:
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "early", [1, 2, 3], SamplingParams(max_tokens=2))
+
+    asyncio.run(main())
+    engine.shutdown()
+
+
 def test_shutdown_aborts_requests_in_flight() -> None:
     engine = start_engine()
 
