@@ -14,7 +14,7 @@ _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_
 _PACKING_ROWS_HINT = 16
 # oneDNN's blocked kernels run 1 or 2 rows up to 1.5x slower than 4 (float32 and bfloat16, measured), so fewer
 # rows are padded up to it.
-_MIN_ROWS = 4
+PACKED_MIN_ROWS = 4
 
 
 def can_pack_weights(device: torch.device) -> bool:
@@ -36,9 +36,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not weight.is_mkldnn:
         return F.linear(x, weight, bias)
     rows = x.shape[0]
-    if rows < _MIN_ROWS:
-        x = F.pad(x, (0, 0, 0, _MIN_ROWS - rows))
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")[:rows]
+    if rows >= PACKED_MIN_ROWS:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    padded = F.pad(x, (0, 0, 0, PACKED_MIN_ROWS - rows))
+    return torch.ops.mkldnn._linear_pointwise(padded, weight, bias, "none", [], "")[:rows]
 
 
 class ColumnParallelLinear(nn.Module):

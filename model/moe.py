@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.linear import linear, pack_weight
+from model.linear import PACKED_MIN_ROWS, linear, pack_weight
 from model.mlp import GatedMLP
 from model.parallel import ParallelState
 from model.weights import CheckpointTensor, WeightTarget
@@ -91,31 +91,48 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.ParameterList([torch.empty(hidden, inter, dtype=dtype) for _ in range(self.num_local_experts)])
         for param in self.parameters():
             param.requires_grad_(False)
+        self.min_rows = 1  # rows per expert group; raised when packed weights run fewer rows slowly
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                 pair_counts: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/expert_ids [T, k], pair_counts [E] (pairs per expert) -> weighted expert sum [T, H]."""
         num_tokens, top_k = expert_ids.shape
-        order = expert_ids.view(-1).argsort(stable=True)  # [T * k] pairs grouped by expert
+        flat_ids = expert_ids.view(-1)
+        order = flat_ids.argsort(stable=True)  # [T * k] pairs grouped by expert
         counts = pair_counts.tolist()
+        local = slice(self.expert_start, self.expert_start + self.num_local_experts)
         first = sum(counts[:self.expert_start])
-        local_counts = counts[self.expert_start:self.expert_start + self.num_local_experts]
-        order = order[first:first + sum(local_counts)]  # [P] this rank's pairs
-        inputs = x.index_select(0, order // top_k)  # [P, H]
-        outputs = torch.empty_like(inputs)
-        start = 0
-        for local_expert, count in enumerate(local_counts):
-            if count == 0:
+        local_order = order[first:first + sum(counts[local])]  # [P] this rank's pairs
+        group_rows = [max(count, self.min_rows) if count else 0 for count in counts[local]]
+        row = self._rows_of_pairs(flat_ids[local_order] - self.expert_start, pair_counts[local], group_rows)  # [P]
+        # Each expert's pairs fill one group of rows (padding rows repeat token 0; their outputs are never read).
+        total_rows = sum(group_rows)
+        token_of_row = torch.zeros(total_rows, dtype=torch.int64, device=x.device)
+        inputs = x.index_select(0, token_of_row.index_copy_(0, row, local_order // top_k))  # [R, H]
+        outputs, start = [], 0
+        for local_expert, rows in enumerate(group_rows):
+            if rows == 0:
                 continue
-            rows = slice(start, start + count)
-            gate_up = linear(inputs[rows], self.w13[local_expert])  # [n, 2 * I]
+            gate_up = linear(inputs[start:start + rows], self.w13[local_expert])  # [rows, 2 * I]
             gate, up = gate_up.split(self.local_intermediate, dim=-1)
-            outputs[rows] = linear(F.silu(gate) * up, self.w2[local_expert])
-            start += count
-        per_pair = x.new_zeros(num_tokens * top_k, x.shape[1]).index_copy_(0, order, outputs)  # [T * k, H]
+            outputs.append(linear(F.silu(gate) * up, self.w2[local_expert]))
+            start += rows
+        outputs.append(x.new_zeros(1, x.shape[1]))  # row R: what pairs of other ranks' experts read
+        row_of_pair = torch.full((num_tokens * top_k,), total_rows, dtype=torch.int64, device=x.device)
+        per_pair = torch.cat(outputs).index_select(0, row_of_pair.index_copy_(0, local_order, row))  # [T * k, H]
         return (per_pair.view(num_tokens, top_k, -1) * weights[:, :, None]).sum(dim=1).to(x.dtype)
 
+    @staticmethod
+    def _rows_of_pairs(expert_of_pair: torch.Tensor, pair_counts: torch.Tensor, group_rows: list[int]) -> torch.Tensor:
+        """Row of each expert-sorted pair in the buffer where expert e's pairs start at sum(group_rows[:e])."""
+        group_rows_t = torch.tensor(group_rows, device=pair_counts.device)
+        group_start = group_rows_t.cumsum(0) - group_rows_t  # [E_local]
+        pairs_before = pair_counts.cumsum(0) - pair_counts  # [E_local]
+        rank_in_group = torch.arange(len(expert_of_pair), device=pair_counts.device) - pairs_before[expert_of_pair]
+        return group_start[expert_of_pair] + rank_in_group
+
     def pack_weights(self) -> None:
+        self.min_rows = PACKED_MIN_ROWS
         for weights in (self.w13, self.w2):
             for index, weight in enumerate(weights):
                 weights[index] = pack_weight(weight)
