@@ -40,6 +40,8 @@ class AsyncEngine:
         self.max_model_len = self.engine.max_model_len
         self.generation_defaults = self.engine.generation_defaults
         self.num_kv_blocks = self.engine.num_kv_blocks
+        self.device = self.engine.device
+        self.dtype = self.engine.executor.dtype
         self._condition = threading.Condition()
         self._inbox: list[_AddRequest | str] = []  # new requests, and ids to abort
         self._streams: dict[str, _Stream] = {}

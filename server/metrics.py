@@ -31,9 +31,6 @@ class ServerMetrics:
     """All metrics of one served model; ``render()`` gives the body and content type of GET /metrics."""
 
     def __init__(self, model_name: str, info: dict[str, str]) -> None:
-        unknown = set(info) - set(INFO_LABELS)
-        if unknown:
-            raise ValueError(f"unknown info labels {sorted(unknown)}; expected a subset of {list(INFO_LABELS)}")
         # Without this every counter and histogram also exports a *_created series, doubling the series count.
         prometheus_client.disable_created_metrics()
         self.model_name = model_name
@@ -56,8 +53,9 @@ class ServerMetrics:
                 model_name
             )
 
-        info_metric = Info(PREFIX, "Build and engine configuration of the server.", labels, registry=self.registry)
-        info_metric.labels(model_name).info({key: str(value) for key, value in info.items()})
+        self._info = Info(PREFIX, "Build and engine configuration of the server.", labels, registry=self.registry)
+        self._info_labels: dict[str, str] = {}
+        self.update_info(info)
 
         # No series until the server first reports its readiness, so an unreported state never looks "not ready".
         self.ready = Gauge(
@@ -131,6 +129,14 @@ class ServerMetrics:
         if reason == ENGINE_ERROR_REASON:
             return  # the engine reports these itself (finish reason "error"); counting both would count them twice
         self.request_failures.labels(self.model_name, reason).inc()
+
+    def update_info(self, info: dict[str, str]) -> None:
+        """Merges ``info`` into the info metric's labels (some, like the KV block count, are known only once loaded)."""
+        unknown = set(info) - set(INFO_LABELS)
+        if unknown:
+            raise ValueError(f"unknown info labels {sorted(unknown)}; expected a subset of {list(INFO_LABELS)}")
+        self._info_labels |= {key: str(value) for key, value in info.items()}
+        self._info.labels(self.model_name).info(self._info_labels)
 
     def set_ready(self, ready: bool) -> None:
         self.ready.labels(self.model_name).set(1 if ready else 0)

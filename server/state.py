@@ -56,6 +56,8 @@ class ServerState:
         self.tokenization = Tokenization(engine.tokenizer, renderer, engine.model_config.vocab_size)
         self.token_texts = TokenTexts(engine.tokenizer)
         self.engine = engine
+        self.metrics.update_info({"dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
+                                  "num_kv_blocks": str(engine.num_kv_blocks)})
         logger.info(
             "model %s ready: max_model_len=%d, %d KV blocks", self.config.model_name, engine.max_model_len,
             engine.num_kv_blocks,

@@ -200,6 +200,10 @@ def test_info_metric_describes_the_server(stack):
     assert info["model_name"] == stack["model"]
     assert info["block_size"] == "16"
     assert info["tensor_parallel_size"] == "1"
+    # Resolved once the model has loaded: "auto" becomes what the engine actually runs.
+    assert info["device"] == "cpu"
+    assert info["dtype"] == "float32"
+    assert int(info["num_kv_blocks"]) > 0
 
 
 def elapsed(stack: dict) -> str:
