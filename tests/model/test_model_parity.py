@@ -4,7 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.loader import load_model
+from model.checkpoint import read_checkpoint_headers
+from model.config import ModelConfig
+from model.dots1 import Dots1ForCausalLM
+from model.loader import load_checkpoint, load_model
 from paged_runner import PagedRunner
 from dots1_reference import build_reference, reference_generate
 
@@ -56,7 +59,7 @@ def case(request, tmp_path_factory):
     reference = build_reference(model_dir, legacy_rope=spec["legacy_rope"], **spec["overrides"])
     expected = [reference_generate(reference, prompt, DECODE_STEPS) for prompt in spec["prompts"]]
     model = load_model(model_dir, dtype=torch.float32, device="cpu")
-    return model, spec["prompts"], expected
+    return model, spec["prompts"], expected, model_dir
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -66,13 +69,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
 
 def test_reference_logits_are_not_trivial(case):
     """The oracle's logits vary widely, so agreement within the tolerance means something."""
-    _, _, expected = case
+    _, _, expected, _ = case
     for prompt_logits, _, _ in expected:
         assert prompt_logits.std().item() > 0.5
 
 
 def test_one_prefill_of_ragged_batch_matches_every_position(case):
-    model, prompts, expected = case
+    model, prompts, expected, _ = case
     runner = PagedRunner(model, seed=1)
     logits = runner.step(dict(enumerate(prompts)), all_logits=True)
     for seq, (actual, (prompt_logits, _, _)) in enumerate(zip(logits, expected)):
@@ -82,7 +85,7 @@ def test_one_prefill_of_ragged_batch_matches_every_position(case):
 
 def test_chunked_prefill_then_decode_matches_and_continues_greedily(case):
     """Prompts arrive in chunks of different sizes while other sequences already decode, all in mixed batches."""
-    model, prompts, expected = case
+    model, prompts, expected, _ = case
     runner = PagedRunner(model, seed=2)
     chunk_sizes = [3, 5, 2]
     start_steps = [0, 1, 0]
@@ -121,3 +124,17 @@ def test_chunked_prefill_then_decode_matches_and_continues_greedily(case):
                 generated[seq].append(-1)  # the last decode step's logits were checked; nothing more to feed
         step += 1
     assert [g[:DECODE_STEPS] for g in generated] == [tokens for _, tokens, _ in expected]
+
+
+def test_plain_weights_path_matches(case):
+    """The un-packed weights path (what non-CPU devices run) against the reference, prefill and a decode step."""
+    _, prompts, expected, model_dir = case
+    model = Dots1ForCausalLM(ModelConfig.from_pretrained(model_dir))
+    load_checkpoint(model, read_checkpoint_headers(model_dir))
+    runner = PagedRunner(model.eval(), seed=3)
+    logits = runner.step(dict(enumerate(prompts)), all_logits=True)
+    for seq, (actual, (prompt_logits, _, _)) in enumerate(zip(logits, expected)):
+        assert_close(actual, prompt_logits, f"sequence {seq} prompt logits")
+    decoded = runner.step({seq: [tokens[0]] for seq, (_, tokens, _) in enumerate(expected)})
+    for seq, (actual, (_, _, step_logits)) in enumerate(zip(decoded, expected)):
+        assert_close(actual, step_logits[0], f"sequence {seq} first decode step")
