@@ -44,6 +44,9 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._last_expert_flush = time.monotonic()
+        # Reports the (all zero) counts once at start-up, so every (layer, expert) series exists before traffic and
+        # a rate over the first requests sees them as an increase.
+        self._flush_expert_counts(force=True)
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Validates a request without adding it; returns its resolved parameters (``max_tokens`` always set).
