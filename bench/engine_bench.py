@@ -33,12 +33,8 @@ from model.embedded import EMBEDDED_MODEL_DIR  # noqa: E402
 from scheduler.llm import LLM  # noqa: E402
 from scheduler.sampling_params import SamplingParams  # noqa: E402
 from scheduler.stats import RequestStats, StepStats  # noqa: E402
+from mid_size import MID_SIZE  # noqa: E402
 
-MID_SIZE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
-                num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, head_dim=64,
-                n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1,
-                norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-5, max_position_embeddings=4096,
-                sliding_window=None)
 PROMPT_TOKEN_LIMIT = 4089  # prompt ids are ordinary tokens of the embedded tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

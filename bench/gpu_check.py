@@ -20,6 +20,7 @@ from model.dots1 import Dots1ForCausalLM  # noqa: E402
 from model.forward_batch import ForwardBatch  # noqa: E402
 from model.kv_cache import allocate_kv_cache  # noqa: E402
 from model.loader import load_model  # noqa: E402
+from mid_size import MID_SIZE  # noqa: E402
 
 PARITY_CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
@@ -27,12 +28,6 @@ PARITY_CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe
                      n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-5,
                      max_position_embeddings=1024, sliding_window=None,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-# The mid-size configuration of the CPU benchmarks.
-SPEED_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
-                    num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, head_dim=64,
-                    n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1,
-                    norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-5, max_position_embeddings=4096,
-                    sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 BLOCK_SIZE = 16
 PARITY_PROMPTS = (37, 5, 64)
 PARITY_DECODES = 16
@@ -173,11 +168,11 @@ def decode_speed(device: str, batches: tuple[int, ...], prompt_len: int, steps: 
     generator = torch.Generator().manual_seed(2)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch)
-        write_checkpoint(SPEED_CONFIG, model_dir, torch.bfloat16)
+        write_checkpoint(MID_SIZE, model_dir, torch.bfloat16)
         ours = load_model(model_dir, dtype=torch.bfloat16, device=device)
         reference = load_reference(model_dir, torch.bfloat16, device)
         for batch in batches:
-            prompts = torch.randint(0, SPEED_CONFIG["vocab_size"], (batch, prompt_len), generator=generator).tolist()
+            prompts = torch.randint(0, MID_SIZE["vocab_size"], (batch, prompt_len), generator=generator).tolist()
             paged = PagedModel(ours, device, prompt_len + steps + 8, batch)
             tokens = paged.run(prompts, [0] * batch).argmax(-1).tolist()
             cached = [prompt_len] * batch

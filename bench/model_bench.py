@@ -28,12 +28,8 @@ from model.dots1 import Dots1ForCausalLM  # noqa: E402
 from model.forward_batch import ForwardBatch  # noqa: E402
 from model.kv_cache import allocate_kv_cache  # noqa: E402
 from model.loader import load_model  # noqa: E402
+from mid_size import MID_SIZE  # noqa: E402
 
-MID_SIZE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
-                num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, head_dim=64,
-                n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1,
-                norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-5, max_position_embeddings=4096,
-                sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 BLOCK_SIZE = 16
 FULL = dict(rounds=3, decode_context=128, decode_steps=16, prefill_tokens=256)
 QUICK = dict(rounds=2, decode_context=64, decode_steps=8, prefill_tokens=64)
