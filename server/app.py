@@ -116,7 +116,7 @@ def build_app(state: ServerState, on_load_failure: Callable[[], None]) -> FastAP
         if engine is not None:
             # As of now, not as of the last engine step (an idle engine takes no steps).
             state.metrics.set_gauges(engine.num_running, engine.num_waiting, engine.kv_cache_usage())
-            state.metrics.set_ready(state.is_ready)
+        state.metrics.set_ready(state.is_ready)  # 0 while loading too, which the not-ready alert watches
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
 

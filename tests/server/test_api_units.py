@@ -5,12 +5,14 @@ import math
 from collections.abc import AsyncIterator
 
 import pytest
+from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
 from model.embedded import EMBEDDED_MODEL_DIR
 from scheduler.config import EngineConfig
 from scheduler.outputs import TokenLogprob
 from server.admission import Admission
+from server.app import build_app
 from server.config import ServerConfig
 from server.errors import APIError, param_from_location
 from server.logprobs import LOWEST_LOGPROB, CompletionLogprobs, chat_logprobs
@@ -118,3 +120,11 @@ def test_requests_while_loading_get_503_with_retry_after() -> None:
     with pytest.raises(APIError) as draining:
         state.ready_engine()
     assert draining.value.code == "server_draining"
+
+
+def test_metrics_report_not_ready_while_loading() -> None:
+    state = ServerState(ServerConfig(served_model_names=["m"]), EngineConfig(), ServerMetrics("m", {}))
+    app = build_app(state, on_load_failure=lambda: None)
+    response = TestClient(app).get("/metrics")  # no lifespan: the model never starts loading, as at start-up
+    assert response.status_code == 200
+    assert 'dots_serve_ready{model_name="m"} 0.0' in response.text.splitlines()
