@@ -28,25 +28,11 @@ from model.dots1 import Dots1ForCausalLM  # noqa: E402
 from model.forward_batch import ForwardBatch  # noqa: E402
 from model.kv_cache import allocate_kv_cache  # noqa: E402
 from model.loader import load_model  # noqa: E402
-from mid_size import MID_SIZE  # noqa: E402
+from mid_size import MID_SIZE, write_mid_size_checkpoint  # noqa: E402
 
 BLOCK_SIZE = 16
 FULL = dict(rounds=3, decode_context=128, decode_steps=16, prefill_tokens=256)
 QUICK = dict(rounds=2, decode_context=64, decode_steps=8, prefill_tokens=64)
-
-
-def write_checkpoint(model_dir: Path) -> None:
-    """The mid-size config with Transformers' random init, saved in bf16, and a non-zero routing bias."""
-    from transformers import Dots1Config
-    from transformers import Dots1ForCausalLM as ReferenceModel
-
-    torch.manual_seed(0)
-    reference = ReferenceModel(Dots1Config(**MID_SIZE)).to(torch.bfloat16)
-    with torch.no_grad():
-        for name, buffer in reference.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(0.05 * torch.randn(buffer.shape))
-    reference.save_pretrained(model_dir)
 
 
 class OurEngine:
@@ -190,7 +176,7 @@ def main() -> None:
         model_dir = args.checkpoint or Path(scratch)
         if not (model_dir / "config.json").is_file():
             print(f"writing the mid-size random checkpoint to {model_dir}", flush=True)
-            write_checkpoint(model_dir)
+            write_mid_size_checkpoint(model_dir)
         read, copy = memory_bandwidth()
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {options['rounds']} rounds")
         print("| phase | dtype | batch | context / prompt tokens | ours tok/s | Transformers tok/s "

@@ -29,7 +29,7 @@ from model.forward_batch import ForwardBatch  # noqa: E402
 from model.kv_cache import allocate_kv_cache  # noqa: E402
 from model.loader import load_model  # noqa: E402
 from model.parallel import ParallelState  # noqa: E402
-from mid_size import MID_SIZE  # noqa: E402
+from mid_size import MID_SIZE, write_mid_size_checkpoint  # noqa: E402
 
 BLOCK_SIZE = 16
 
@@ -144,18 +144,6 @@ def measure(world_size: int, options: dict, work_dir: Path) -> tuple[list[dict],
         port = sock.getsockname()[1]
     mp.spawn(run_rank, args=(world_size, port, options, str(out_path)), nprocs=world_size, join=True)
     return json.loads(out_path.read_text()), out_path
-
-
-def write_mid_size_checkpoint(model_dir: Path) -> None:
-    from transformers import Dots1Config, Dots1ForCausalLM
-
-    torch.manual_seed(0)
-    reference = Dots1ForCausalLM(Dots1Config(**MID_SIZE)).to(torch.bfloat16)
-    with torch.no_grad():
-        for name, buffer in reference.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(0.05 * torch.randn(buffer.shape))
-    reference.save_pretrained(model_dir)
 
 
 def main() -> None:
