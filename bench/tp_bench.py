@@ -29,7 +29,7 @@ from model.forward_batch import ForwardBatch  # noqa: E402
 from model.kv_cache import allocate_kv_cache  # noqa: E402
 from model.loader import load_model  # noqa: E402
 from model.parallel import ParallelState  # noqa: E402
-from mid_size import MID_SIZE, write_mid_size_checkpoint  # noqa: E402
+from mid_size import write_mid_size_checkpoint  # noqa: E402
 
 BLOCK_SIZE = 16
 
