@@ -4,7 +4,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Dots1Config, Dots1ForCausalLM
+from random_dots1 import save_random_dots1
+from transformers import Dots1ForCausalLM
 from transformers.cache_utils import DynamicCache
 
 BASE_CONFIG: dict[str, Any] = dict(
@@ -16,28 +17,8 @@ BASE_CONFIG: dict[str, Any] = dict(
 
 
 def build_reference(model_dir: Path, seed: int = 0, legacy_rope: bool = False, **overrides: Any) -> Dots1ForCausalLM:
-    """Saves a random Transformers Dots1 model to ``model_dir`` and returns it (fp32, eager attention).
-
-    Weights are drawn large enough that every part of the network moves the logits: norms away from 1, a
-    non-zero e_score_correction_bias and router weights that separate experts.
-    """
-    config = Dots1Config(**{**BASE_CONFIG, **overrides}, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = Dots1ForCausalLM(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "norm" in name:
-                param.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("mlp.gate.weight"):
-                param.copy_(0.5 * noise)
-            else:
-                param.copy_(0.15 * noise)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-    model.save_pretrained(model_dir)
+    """Saves a random Transformers Dots1 model to ``model_dir`` and returns it (fp32, eager attention)."""
+    model = save_random_dots1(model_dir, {**BASE_CONFIG, **overrides, "attn_implementation": "eager"}, seed)
     if legacy_rope:
         _rewrite_rope_as_legacy(model_dir / "config.json")
     return model

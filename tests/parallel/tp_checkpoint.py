@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Dots1Config, Dots1ForCausalLM
+from random_dots1 import save_random_dots1
 
 from model.forward_batch import ForwardBatch
 
@@ -17,21 +17,8 @@ TINY_CONFIG: dict[str, Any] = dict(
 
 
 def build_checkpoint(model_dir: Path, seed: int = 0, **overrides: Any) -> Path:
-    """Saves a random model whose every part moves the logits: norms away from 1, a non-zero
-    e_score_correction_bias and router weights that separate the experts."""
-    config = Dots1Config(**{**TINY_CONFIG, **overrides})
-    torch.manual_seed(seed)
-    model = Dots1ForCausalLM(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            scale = 0.5 if name.endswith("mlp.gate.weight") else 0.15
-            param.copy_(1.0 + 0.2 * noise if "norm" in name else scale * noise)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-    model.save_pretrained(model_dir)
+    """Saves a random model (see ``save_random_dots1``) and returns its directory."""
+    save_random_dots1(model_dir, {**TINY_CONFIG, **overrides}, seed)
     return model_dir
 
 
