@@ -85,12 +85,13 @@ class RoutedExperts(nn.Module):
             self.expert_start, self.num_local_experts = 0, self.num_experts
             self.inter_start, self.local_intermediate = parallel.shard(self.intermediate_size, "moe_intermediate_size")
         inter, hidden = self.local_intermediate, self.hidden_size
-        # One [2I, H] gate-and-up and one [H, I] down weight per local expert, gate rows before up rows.
-        self.w13 = nn.ParameterList([torch.empty(2 * inter, hidden, dtype=dtype)
-                                     for _ in range(self.num_local_experts)])
-        self.w2 = nn.ParameterList([torch.empty(hidden, inter, dtype=dtype) for _ in range(self.num_local_experts)])
-        for param in self.parameters():
-            param.requires_grad_(False)
+        # Stacked gate-and-up [E_local, 2I, H] (gate rows before up rows) and down [E_local, H, I] weights: what the
+        # grouped-GEMM kernels read. Loading fills per-expert views; on the CPU, pack_weights replaces each with a
+        # list of per-expert oneDNN-packed weights (same indexing: w13[e] is expert e's [2I, H]).
+        self.w13: nn.Parameter | nn.ParameterList = nn.Parameter(
+            torch.empty(self.num_local_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
+        self.w2: nn.Parameter | nn.ParameterList = nn.Parameter(
+            torch.empty(self.num_local_experts, hidden, inter, dtype=dtype), requires_grad=False)
         self.min_rows = 1  # rows per expert group; raised when packed weights run fewer rows slowly
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
@@ -133,18 +134,19 @@ class RoutedExperts(nn.Module):
 
     def pack_weights(self) -> None:
         self.min_rows = PACKED_MIN_ROWS
-        for weights in (self.w13, self.w2):
-            for index, weight in enumerate(weights):
-                weights[index] = pack_weight(weight)
+        w13 = nn.ParameterList([pack_weight(weight) for weight in self.w13])
+        w2 = nn.ParameterList([pack_weight(weight) for weight in self.w2])
+        del self.w13, self.w2  # frees the stacked tensors
+        self.w13, self.w2 = w13, w2
 
     def load_gate_or_up(self, expert: int, half: int, source: CheckpointTensor) -> None:
         rows = slice(self.inter_start, self.inter_start + self.local_intermediate)
         destination = slice(half * self.local_intermediate, (half + 1) * self.local_intermediate)
-        self.w13[expert - self.expert_start].data[destination].copy_(source.read(rows))
+        self.w13.data[expert - self.expert_start, destination].copy_(source.read(rows))
 
     def load_down(self, expert: int, source: CheckpointTensor) -> None:
         columns = slice(self.inter_start, self.inter_start + self.local_intermediate)
-        self.w2[expert - self.expert_start].data.copy_(source.read(slice(None), columns))
+        self.w2.data[expert - self.expert_start].copy_(source.read(slice(None), columns))
 
     def load_fused_gate_up(self, source: CheckpointTensor) -> None:
         for local_expert in range(self.num_local_experts):
@@ -153,13 +155,13 @@ class RoutedExperts(nn.Module):
                 start = half * self.intermediate_size + self.inter_start
                 destination = slice(half * self.local_intermediate, (half + 1) * self.local_intermediate)
                 part = source.read(expert, slice(start, start + self.local_intermediate))[0]
-                self.w13[local_expert].data[destination].copy_(part)
+                self.w13.data[local_expert, destination].copy_(part)
 
     def load_fused_down(self, source: CheckpointTensor) -> None:
         columns = slice(self.inter_start, self.inter_start + self.local_intermediate)
         for local_expert in range(self.num_local_experts):
             expert = slice(self.expert_start + local_expert, self.expert_start + local_expert + 1)
-            self.w2[local_expert].data.copy_(source.read(expert, slice(None), columns)[0])
+            self.w2.data[local_expert].copy_(source.read(expert, slice(None), columns)[0])
 
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
         """Per-expert keys (what checkpoints hold) and the fused layout Transformers 5 keeps in memory."""
