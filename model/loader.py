@@ -16,6 +16,7 @@ from model.checkpoint import TensorEntry, read_checkpoint_headers
 from model.config import ModelConfig
 from model.dots1 import Dots1ForCausalLM
 from model.linear import can_pack_weights
+from model.moe_backend import resolve_moe_backend
 from model.parallel import ParallelState
 from model.weights import CheckpointTensor, WeightTarget
 
@@ -27,15 +28,21 @@ _DUMMY_STD = 0.02
 
 
 def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device | str, load_format: str = "auto",
-               parallel: ParallelState | None = None, expert_metrics: bool = False) -> Dots1ForCausalLM:
-    """The model described by ``model_dir``/config.json, with its checkpoint's weights (or random ones: "dummy")."""
+               parallel: ParallelState | None = None, expert_metrics: bool = False,
+               moe_backend: str = "auto") -> Dots1ForCausalLM:
+    """The model described by ``model_dir``/config.json, with its checkpoint's weights (or random ones: "dummy").
+
+    ``moe_backend`` (auto, torch, triton) picks the routed experts' implementation; see ``model.moe_backend``.
+    """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
     model_dir = Path(model_dir)
     config = ModelConfig.from_pretrained(model_dir)
     entries = None if load_format == "dummy" else read_checkpoint_headers(model_dir)
+    moe_backend = resolve_moe_backend(moe_backend, device, dtype) if config.moe_layer_ids else "torch"
     with torch.device(device):
-        model = Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype)
+        model = Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype,
+                                 moe_backend=moe_backend)
     if entries is None:
         initialize_dummy_weights(model)
     else:

@@ -30,6 +30,7 @@ class ModelExecutor:
             device=self.device,
             load_format=config.load_format,
             expert_metrics=config.expert_metrics,
+            moe_backend=config.moe_backend,
         )
         budget = self._kv_cache_budget(config)
         bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, self.dtype)

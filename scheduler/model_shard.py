@@ -57,7 +57,7 @@ class ModelShard:
         self.block_size = config.block_size
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.model = load_model(config.model, dtype=dtype, device=device, load_format=config.load_format,
-                                parallel=parallel, expert_metrics=expert_metrics)
+                                parallel=parallel, expert_metrics=expert_metrics, moe_backend=config.moe_backend)
         self.bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, dtype, parallel)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
