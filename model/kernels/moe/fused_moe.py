@@ -41,7 +41,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
     FP8: w13/w2 in float8_e4m3fn with w13_scale [E_local, 2I] and w2_scale [E_local, H] fp32 per-output-channel
     scales. quantize_activations (default: on where ``supports_fp8_compute``) also quantizes x and the intermediate
-    per token (W8A8); otherwise the weights are widened to x's dtype tile by tile (weight-only).
+    per token (W8A8); otherwise the weights are widened to x's dtype tile by tile (weight-only, any GPU).
     """
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
@@ -65,6 +65,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return out
     tiles = config or tile_config(num_tokens)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    if weight_fp8 and not quantize_activations:
+        w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)  # weight-only kernels decode the e4m3 bits
     num_pairs = num_tokens * top_k
     sorted_pair_ids, block_expert, padded_total = moe_align(topk_ids, num_local_experts, tiles.block_m, expert_start)
     num_m_blocks = block_expert.numel()
