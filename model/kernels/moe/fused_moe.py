@@ -15,6 +15,7 @@ from model.kernels.moe.tile_config import MoETileConfig, tile_config
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 COMBINE_BLOCK_H = 512
+FP32_MAX_STAGES = 2
 
 
 def supports_fp8_compute(device: torch.device) -> bool:
@@ -70,9 +71,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     num_pairs = num_tokens * top_k
     sorted_pair_ids, block_expert, padded_total = moe_align(topk_ids, num_local_experts, tiles.block_m, expert_start)
     num_m_blocks = block_expert.numel()
+    # fp32 tiles take twice the shared memory of the 16-bit ones the table is sized for: fewer pipeline stages.
+    num_stages = min(tiles.num_stages, FP32_MAX_STAGES) if x.dtype == torch.float32 else tiles.num_stages
     flags = dict(WEIGHT_FP8=weight_fp8, ACT_FP8=quantize_activations, IEEE_FP32=x.dtype == torch.float32,
                  BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-                 num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                 num_warps=tiles.num_warps, num_stages=num_stages)
 
     a, a_scale = quantize_per_token(x) if quantize_activations else (x, x)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [P, I]
