@@ -39,7 +39,7 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
     model_dir = Path(model_dir)
     config = ModelConfig.from_pretrained(model_dir)
     entries = None if load_format == "dummy" else read_checkpoint_headers(model_dir)
-    moe_backend = resolve_moe_backend(moe_backend, device, dtype) if config.moe_layer_ids else "torch"
+    moe_backend = resolve_moe_backend(moe_backend, device, dtype, has_moe_layers=bool(config.moe_layer_ids))
     with torch.device(device):
         model = Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype,
                                  moe_backend=moe_backend)
