@@ -55,7 +55,7 @@ def write_fp8_checkpoint(source: Path, target: Path, *, strategy: str = "channel
         if LINEAR_WEIGHT.search(key) and not is_ignored(key, ignore):
             weight, scale = quantize(tensor, strategy, scale_dtype)
             quantized[key], quantized[f"{key}_scale"] = weight, scale
-            widened[key] = (weight.float() * scale.float().reshape(-1, 1)).to(tensor.dtype)
+            widened[key] = weight.float() * scale.float().reshape(-1, 1)  # what float32 compute multiplies by
         else:
             quantized[key] = widened[key] = tensor
     save_file(quantized, target / "model.safetensors", metadata={"format": "pt"})
