@@ -17,14 +17,14 @@ from model.weights import WeightTarget
 
 class Dots1DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, parallel: ParallelState, dtype: torch.dtype,
-                 count_experts: bool) -> None:
+                 count_experts: bool, moe_backend: str = "torch") -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = Dots1Attention(config, layer_id, parallel, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp: nn.Module
         if config.is_moe_layer(layer_id):
-            self.mlp = Dots1MoE(config, parallel, dtype, count_experts)
+            self.mlp = Dots1MoE(config, parallel, dtype, count_experts, moe_backend)
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, parallel, dtype)
 
@@ -43,7 +43,8 @@ class Dots1DecoderLayer(nn.Module):
 
 class Dots1ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, parallel: ParallelState | None = None, expert_metrics: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, moe_backend: str = "torch") -> None:
+        """``moe_backend``: "torch" or "triton" for the routed experts (resolved: see ``model.moe_backend``)."""
         super().__init__()
         self.config = config
         self.parallel = parallel or ParallelState()
@@ -53,7 +54,8 @@ class Dots1ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
         self.layers = nn.ModuleList()
         for layer_id in range(config.num_hidden_layers):
-            self.layers.append(Dots1DecoderLayer(config, layer_id, self.parallel, dtype, expert_metrics))
+            self.layers.append(Dots1DecoderLayer(config, layer_id, self.parallel, dtype, expert_metrics,
+                                                 moe_backend))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, self.parallel, dtype,
                                       tied_to=self.embed_tokens if config.tie_word_embeddings else None)

@@ -20,6 +20,7 @@ from model.fp8 import FP8_DTYPE
 from model.fp8_storage import deferred_projection_weights
 from model.linear import QuantizableProjection, can_pack_weights
 from model.moe import RoutedExperts
+from model.moe_backend import resolve_moe_backend
 from model.parallel import ParallelState
 from model.quantization import QUANTIZATION_METHODS, Fp8Scheme, online_fp8_scheme
 from model.weights import FLOAT8, SCALE, CheckpointTensor, WeightTarget
@@ -34,11 +35,12 @@ _DUMMY_STD = 0.02
 
 def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device | str, load_format: str = "auto",
                parallel: ParallelState | None = None, expert_metrics: bool = False,
-               quantization: str | None = None) -> Dots1ForCausalLM:
+               quantization: str | None = None, moe_backend: str = "auto") -> Dots1ForCausalLM:
     """The model described by ``model_dir``/config.json, with its checkpoint's weights (or random ones: "dummy").
 
     Weights are FP8 where the checkpoint's quantization_config says so, or (``quantization="fp8"``) quantized while
-    they stream in from a high-precision checkpoint.
+    they stream in from a high-precision checkpoint. ``moe_backend`` (auto, torch, triton) picks the routed experts'
+    implementation; see ``model.moe_backend``.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
@@ -46,7 +48,10 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
     config = ModelConfig.from_pretrained(model_dir)
     scheme = weight_scheme(config, quantization)
     entries = None if load_format == "dummy" else read_checkpoint_headers(model_dir)
-    model = build_model(config, scheme, dtype=dtype, device=device, parallel=parallel, expert_metrics=expert_metrics)
+    moe_backend = (resolve_moe_backend(moe_backend, device, dtype, fp8=scheme is not None) if config.moe_layer_ids
+                   else "torch")
+    model = build_model(config, scheme, dtype=dtype, device=device, parallel=parallel, expert_metrics=expert_metrics,
+                        moe_backend=moe_backend)
     if entries is None:
         initialize_dummy_weights(model)
     else:
@@ -69,13 +74,15 @@ def weight_scheme(config: ModelConfig, quantization: str | None) -> Fp8Scheme | 
 
 
 def build_model(config: ModelConfig, scheme: Fp8Scheme | None, *, dtype: torch.dtype, device: torch.device | str,
-                parallel: ParallelState | None = None, expert_metrics: bool = False) -> Dots1ForCausalLM:
+                parallel: ParallelState | None = None, expert_metrics: bool = False,
+                moe_backend: str = "torch") -> Dots1ForCausalLM:
     """The model with uninitialised weights, FP8 ones where ``scheme`` quantizes them."""
+    options = dict(expert_metrics=expert_metrics, dtype=dtype, moe_backend=moe_backend)
     if scheme is None:
         with torch.device(device):
-            return Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype)
+            return Dots1ForCausalLM(config, parallel, **options)
     with torch.device(device), deferred_projection_weights():
-        model = Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype)
+        model = Dots1ForCausalLM(config, parallel, **options)
     place_weights(model, scheme, device)
     return model
 

@@ -69,15 +69,21 @@ class TopKRouter(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """A layer's routed experts. Token-expert pairs are grouped by expert and only experts that received tokens run.
+    """A layer's routed experts.
 
-    Tensor parallel splits each expert's intermediate size; expert parallel gives each rank whole experts. Counting
-    the pairs per expert needs one host read per layer (a device sync on GPU, where a grouped-GEMM kernel is the
-    faster replacement).
+    Tensor parallel splits each expert's intermediate size; expert parallel gives each rank whole experts (pairs
+    routed to other ranks' experts add nothing here). Two backends over the same stacked weights:
+    - "torch" (the reference, and the CPU path): token-expert pairs are grouped by expert and only experts that
+      received tokens run, one matmul pair each; counting the pairs needs one host read per layer.
+    - "triton": ``fused_moe`` (align, two grouped GEMMs, combine), sized from host-known shapes: no host sync.
     """
 
-    def __init__(self, config: ModelConfig, parallel: ParallelState, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, parallel: ParallelState, dtype: torch.dtype,
+                 backend: str = "torch") -> None:
         super().__init__()
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"unknown MoE backend {backend!r}: use torch or triton")
+        self.backend = backend
         self.num_experts = config.n_routed_experts
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.moe_intermediate_size
@@ -101,9 +107,19 @@ class RoutedExperts(nn.Module):
         self.fp8: Fp8Scheme | None = None
         self.min_rows = 1  # rows per expert group; raised when packed weights run fewer rows slowly
 
+    def forward_fused(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights/expert_ids [T, k] -> weighted expert sum [T, H], on the device throughout."""
+        from model.kernels.moe.fused_moe import fused_moe
+
+        weight_only = self.fp8 is not None and not self.fp8.dynamic_activations
+        return fused_moe(x, self.w13, self.w2, weights, expert_ids, expert_start=self.expert_start,
+                         w13_scale=self.w13_scale, w2_scale=self.w2_scale,
+                         quantize_activations=False if weight_only else None)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                 pair_counts: torch.Tensor) -> torch.Tensor:
-        """x [T, H], weights/expert_ids [T, k], pair_counts [E] (pairs per expert) -> weighted expert sum [T, H]."""
+        """The torch backend. x [T, H], weights/expert_ids [T, k], pair_counts [E] (pairs per expert) -> weighted
+        expert sum [T, H]."""
         num_tokens, top_k = expert_ids.shape
         flat_ids = expert_ids.view(-1)
         order = flat_ids.argsort(stable=True)  # [T * k] pairs grouped by expert
@@ -164,6 +180,8 @@ class RoutedExperts(nn.Module):
                 for name in ("gate_proj", "up_proj", "down_proj")]
 
     def pack_weights(self) -> None:
+        if self.backend == "triton":
+            return  # the kernels read the stacked weights
         if self.fp8 is not None:  # oneDNN has no float8 weights: FP8 experts dequantize one expert at a time
             return
         self.min_rows = PACKED_MIN_ROWS
@@ -284,11 +302,11 @@ class RoutedExperts(nn.Module):
 
 class Dots1MoE(nn.Module):
     def __init__(self, config: ModelConfig, parallel: ParallelState, dtype: torch.dtype,
-                 count_experts: bool = False) -> None:
+                 count_experts: bool = False, backend: str = "torch") -> None:
         super().__init__()
         self.parallel = parallel
         self.gate = TopKRouter(config)
-        self.experts = RoutedExperts(config, parallel, dtype)
+        self.experts = RoutedExperts(config, parallel, dtype, backend)
         self.shared_experts = None
         if config.n_shared_experts > 0:
             self.shared_experts = GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
@@ -299,10 +317,16 @@ class Dots1MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = self.gate(x)
-        pair_counts = torch.bincount(expert_ids.view(-1), minlength=self.experts.num_experts)  # [E]
-        if self.expert_counts is not None:
-            self.expert_counts += pair_counts
-        out = self.experts(x, weights, expert_ids, pair_counts)
+        if self.experts.backend == "triton":
+            if self.expert_counts is not None:  # scatter_add_: fixed shape, no sync (bincount may sync on CUDA)
+                flat_ids = expert_ids.view(-1)
+                self.expert_counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+            out = self.experts.forward_fused(x, weights, expert_ids)
+        else:
+            pair_counts = torch.bincount(expert_ids.view(-1), minlength=self.experts.num_experts)  # [E]
+            if self.expert_counts is not None:
+                self.expert_counts += pair_counts
+            out = self.experts(x, weights, expert_ids, pair_counts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return self.parallel.all_reduce(out)

@@ -21,5 +21,6 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
     expert_metrics: bool = True  # count token-expert assignments on device for the metrics
+    moe_backend: str = "auto"  # routed experts: auto (triton on CUDA, else torch), torch or triton
     chat_template: str | None = None  # a file or a literal template overriding the checkpoint's
     seed: int = 0

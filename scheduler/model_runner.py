@@ -31,6 +31,7 @@ class ModelExecutor:
             load_format=config.load_format,
             expert_metrics=config.expert_metrics,
             quantization=config.quantization,
+            moe_backend=config.moe_backend,
         )
         self.weight_dtype, self.weight_bytes = weight_summary(self.model)
         logger.info("weights: %s, %.1f MiB on %s", self.weight_dtype, self.weight_bytes / 2**20, self.device)

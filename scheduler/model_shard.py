@@ -57,7 +57,8 @@ class ModelShard:
         self.block_size = config.block_size
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.model = load_model(config.model, dtype=dtype, device=device, load_format=config.load_format,
-                                parallel=parallel, expert_metrics=expert_metrics, quantization=config.quantization)
+                                parallel=parallel, expert_metrics=expert_metrics, quantization=config.quantization,
+                                moe_backend=config.moe_backend)
         self.weight_dtype, self.weight_bytes = weight_summary(self.model)
         logger.info("rank %d: weights %s, %.1f MiB on %s", parallel.rank, self.weight_dtype, self.weight_bytes / 2**20,
                     device)

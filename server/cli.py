@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="place whole experts on ranks instead of splitting every expert")
     engine.add_argument("--expert-metrics", action=argparse.BooleanOptionalAction, default=True,
                         help="count token-expert assignments for /metrics (--no-expert-metrics saves a little time)")
+    engine.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton"],
+                        help="routed experts: triton (fused MoE kernels, no host syncs) or torch (the reference); "
+                        "auto: triton on CUDA, torch elsewhere; triton falls back to torch if its start-up "
+                        "self-check fails")
     http = parser.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     http.add_argument("--port", type=int, default=8000, help="port to listen on")
