@@ -50,14 +50,16 @@ def read_scale(source: CheckpointTensor, strategy: str, rows: slice, *leading: s
     return scale[..., rows]
 
 
-def quantize_full_rows(source: CheckpointTensor, columns: slice, *leading: slice) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_full_rows(source: CheckpointTensor, columns: slice, *leading: slice,
+                       device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Online quantization of a high-precision [..., out, in] tensor whose columns are split across ranks: each
-    row's scale comes from the whole row, read a few rows at a time; returns (float8 [..., out, columns], scales)."""
+    row's scale comes from the whole row, read a few rows at a time (and quantized on ``device``); returns
+    (float8 [..., out, columns], scales [..., out])."""
     *_, num_rows, num_columns = source.shape
     rows_per_read = max(1, TILE_ELEMENTS // num_columns)
     weights, scales = [], []
     for start in range(0, num_rows, rows_per_read):
-        quantized, scale = quantize_rows(source.read(*leading, slice(start, start + rows_per_read)))
+        quantized, scale = quantize_rows(source.read(*leading, slice(start, start + rows_per_read)).to(device))
         weights.append(quantized[..., columns])
         scales.append(scale)
     return torch.cat(weights, dim=-2), torch.cat(scales, dim=-1)

@@ -132,7 +132,7 @@ class ColumnParallelLinear(QuantizableProjection):
         offset = sum(self.local_sizes[:shard_id])
         part = source.read(slice(start, start + size))
         if param is self.weight and self.quantize_on_load:
-            part, scale = quantize_rows(part)
+            part, scale = quantize_rows(part.to(param.device))
             self.weight_scale.data[offset:offset + size].copy_(scale)
         param.data[offset:offset + size].copy_(part)
 
@@ -182,7 +182,7 @@ class RowParallelLinear(QuantizableProjection):
             return
         columns = slice(self.input_start, self.input_start + self.local_input_size)
         if self.quantize_on_load:  # a row's scale covers all its columns, on every rank
-            weight, scale = quantize_full_rows(source, columns)
+            weight, scale = quantize_full_rows(source, columns, device=param.device)
             self.weight_scale.data.copy_(scale)
             param.data.copy_(weight)
             return

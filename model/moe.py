@@ -197,14 +197,14 @@ class RoutedExperts(nn.Module):
     def _store_gate_up(self, local_expert: int, half: int, part: torch.Tensor) -> None:
         destination = slice(half * self.local_intermediate, (half + 1) * self.local_intermediate)
         if self._quantize_on_load:
-            part, scale = quantize_rows(part)
+            part, scale = quantize_rows(part.to(self.w13.device))
             self.w13_scale.data[local_expert, destination].copy_(scale)
         self.w13.data[local_expert, destination].copy_(part)
 
     def _store_down(self, local_expert: int, source: CheckpointTensor, *expert: slice) -> None:
         columns = slice(self.inter_start, self.inter_start + self.local_intermediate)
         if self._quantize_on_load:  # a row's scale covers all its columns, on every rank
-            part, scale = quantize_full_rows(source, columns, *expert)
+            part, scale = quantize_full_rows(source, columns, *expert, device=self.w2.device)
             self.w2_scale.data[local_expert].copy_(scale.reshape(-1))
             self.w2.data[local_expert].copy_(part.reshape(self.w2.shape[1:]))
             return

@@ -217,3 +217,11 @@ def test_dummy_fp8_weights(source, tmp_path):
     logits = torch.cat(PagedRunner(model).step(dict(enumerate(PROMPTS))))
     assert torch.isfinite(logits).all() and logits.std() > 0
 
+
+
+def test_a_fused_matmul_half_quantized_is_refused(source, tmp_path):
+    """q, k and v (and gate and up) run as one matmul here, so an ignore list that splits them is refused."""
+    fp8_dir, _ = quantized(source, tmp_path, ignore=("lm_head", "model.layers.1.self_attn.k_proj"))
+    with pytest.raises(ValueError, match=r"quantization_config quantizes \['model\.layers\.1\.self_attn\.q_proj', "
+                                         r"'model\.layers\.1\.self_attn\.v_proj'\] but not all of"):
+        load_model(fp8_dir, dtype=torch.float32, device="cpu")

@@ -1,5 +1,6 @@
 """A real server on an FP8 (compressed-tensors) checkpoint: the greedy text and logprobs of Transformers running the
 dequantized weights; a bad FP8 checkpoint stops start-up with its file and key named."""
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Dots1ForCausalLM
 
 from model.embedded import EMBEDDED_MODEL_DIR
+from scheduler.model_runner import ModelExecutor
+from server.cli import engine_config, parse_args
 
 NAME = "dots1-tiny-fp8"
 PROMPT = "The quick brown fox"
@@ -65,3 +68,25 @@ def test_a_bad_fp8_checkpoint_stops_start_up_naming_file_and_key(checkpoints, tm
     with pytest.raises(AssertionError, match=rf"(?s)did not become ready.*ValueError: .*broken/model\.safetensors: "
                                              rf"tensor '{key}' has shape \[3, 1\]"):
         ServerProcess("--model", str(broken))
+
+
+def test_quantization_flag_reaches_the_executor_which_reports_the_weights():
+    args = parse_args(["--quantization", "fp8", "--model", str(EMBEDDED_MODEL_DIR), "--device", "cpu",
+                       "--dtype", "float32", "--kv-cache-memory", "4MiB"])
+    config = engine_config(args)
+    assert config.quantization == "fp8"
+    executor = ModelExecutor(config)
+    try:
+        assert executor.weight_dtype == "float8_e4m3fn+float32"
+        params = [*executor.model.parameters(), *executor.model.buffers()]
+        assert executor.weight_bytes == sum(t.numel() * t.element_size() for t in params)
+        fp8_elements = sum(p.numel() for p in executor.model.parameters() if p.dtype == torch.float8_e4m3fn)
+        scales = sum(p.numel() for name, p in executor.model.named_parameters() if name.endswith("_scale"))
+        plain = ModelExecutor(dataclasses.replace(config, quantization=None))
+        assert plain.weight_dtype == "float32"
+        assert plain.weight_bytes - executor.weight_bytes == 3 * fp8_elements - 4 * scales  # 4 bytes -> 1 + scales
+        plain.shutdown()
+    finally:
+        executor.shutdown()
+    with pytest.raises(SystemExit):
+        parse_args(["--quantization", "int4"])
