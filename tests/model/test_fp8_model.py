@@ -225,3 +225,12 @@ def test_a_fused_matmul_half_quantized_is_refused(source, tmp_path):
     with pytest.raises(ValueError, match=r"quantization_config quantizes \['model\.layers\.1\.self_attn\.q_proj', "
                                          r"'model\.layers\.1\.self_attn\.v_proj'\] but not all of"):
         load_model(fp8_dir, dtype=torch.float32, device="cpu")
+
+
+def test_online_fp8_of_the_fused_expert_layout(source, tmp_path):
+    fused = tmp_path / "fused"
+    shutil.copytree(source, fused)
+    rewrite_tensors(fused, fuse_experts)
+    logits = [torch.cat(PagedRunner(load_model(model_dir, dtype=torch.float32, device="cpu", quantization="fp8")).step(
+        dict(enumerate(PROMPTS)), all_logits=True)) for model_dir in (source, fused)]
+    assert torch.equal(*logits)
