@@ -50,6 +50,7 @@ class Dots1ForCausalLM(nn.Module):
         self.parallel = parallel or ParallelState()
         self.moe_layer_ids = config.moe_layer_ids
         self.expert_metrics = expert_metrics
+        self.moe_backend = moe_backend
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.parallel, dtype)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
         self.layers = nn.ModuleList()

@@ -48,8 +48,8 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
     config = ModelConfig.from_pretrained(model_dir)
     scheme = weight_scheme(config, quantization)
     entries = None if load_format == "dummy" else read_checkpoint_headers(model_dir)
-    moe_backend = (resolve_moe_backend(moe_backend, device, dtype, fp8=scheme is not None) if config.moe_layer_ids
-                   else "torch")
+    moe_backend = resolve_moe_backend(moe_backend, device, dtype, fp8=scheme is not None,
+                                      has_moe_layers=bool(config.moe_layer_ids))
     model = build_model(config, scheme, dtype=dtype, device=device, parallel=parallel, expert_metrics=expert_metrics,
                         moe_backend=moe_backend)
     if entries is None:

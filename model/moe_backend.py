@@ -13,12 +13,14 @@ logger = logging.getLogger(__name__)
 MOE_BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_moe_backend(requested: str, device: torch.device | str, dtype: torch.dtype, fp8: bool = False) -> str:
-    """"torch" or "triton" for ``requested``; triton only once ``check_fused_moe`` passed on ``device``."""
+def resolve_moe_backend(requested: str, device: torch.device | str, dtype: torch.dtype, fp8: bool = False,
+                        has_moe_layers: bool = True) -> str:
+    """"torch" or "triton" for ``requested``; triton only once ``check_fused_moe`` passed on ``device`` (with
+    ``fp8``, its FP8 variant too). A model without MoE layers needs no check."""
     if requested not in MOE_BACKENDS:
         raise ValueError(f"unknown moe_backend {requested!r}: use one of {', '.join(MOE_BACKENDS)}")
     device = torch.device(device)
-    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
+    if requested == "torch" or (requested == "auto" and device.type != "cuda") or not has_moe_layers:
         return "torch"
     try:
         from model.kernels.moe.self_check import check_fused_moe

@@ -7,9 +7,12 @@ import logging  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import model.kernels.moe.fused_moe as fused_moe_module  # noqa: E402
 from model.kernels.moe.align import moe_align, sorted_length_bound  # noqa: E402
+from model.kernels.moe.fp8_bits import e4m3_bits_to_scaled  # noqa: E402
 from model.kernels.moe.fused_moe import fused_moe, quantize_per_token  # noqa: E402
 from model.kernels.moe.self_check import check_fused_moe, moe_reference, quantize_weight_per_channel  # noqa: E402
 from model.kernels.moe.tile_config import TILE_CONFIGS, tile_config  # noqa: E402
@@ -36,13 +39,14 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
 
 
-@pytest.mark.parametrize("expert_start", [0, 3])
-def test_align_sorts_each_experts_pairs_into_padded_blocks(expert_start):
+@pytest.mark.parametrize("expert_start,chunk_pairs", [(0, 256), (3, 256), (3, 32)],
+                         ids=["one_chunk", "expert_slice", "several_chunks"])
+def test_align_sorts_each_experts_pairs_into_padded_blocks(expert_start, chunk_pairs):
     num_local, block_m = 5, 4
-    topk_ids = torch.randint(0, 10, (11, 3), generator=torch.Generator().manual_seed(1))
+    topk_ids = torch.randint(0, 10, (37, 3), generator=torch.Generator().manual_seed(1))
     topk_ids[:, 0] = expert_start + 2  # one expert gets many pairs (several blocks); others none at all
     topk_ids[topk_ids == expert_start + 4] = expert_start + 1
-    sorted_pair_ids, block_expert, padded_total = moe_align(topk_ids, num_local, block_m, expert_start)
+    sorted_pair_ids, block_expert, padded_total = moe_align(topk_ids, num_local, block_m, expert_start, chunk_pairs)
 
     num_pairs = topk_ids.numel()
     flat = topk_ids.view(-1).tolist()
@@ -52,7 +56,8 @@ def test_align_sorts_each_experts_pairs_into_padded_blocks(expert_start):
         padded = -(-len(pairs) // block_m) * block_m
         expected_ids += pairs + [num_pairs] * (padded - len(pairs))
         expected_blocks += [local] * (padded // block_m)
-    assert 0 < len(expected_blocks) < num_local * 3  # some experts are empty, one spans blocks
+    assert 0 < len(expected_blocks) < len(sorted_pair_ids) // block_m  # some experts are empty
+    assert expected_blocks.count(2) > 3  # one expert spans several blocks
     bound = sorted_length_bound(num_pairs, num_local, block_m)
     assert len(sorted_pair_ids) == -(-bound // block_m) * block_m and len(block_expert) == -(-bound // block_m)
     assert padded_total.tolist() == [len(expected_ids)]
@@ -76,7 +81,7 @@ def test_experts_without_tokens_and_every_tile_config(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_top6_of_128_experts(dtype):
-    problem = random_problem(num_tokens=24, hidden=32, inter=16, num_experts=128, top_k=6, dtype=dtype)
+    problem = random_problem(num_tokens=10, hidden=32, inter=16, num_experts=128, top_k=6, dtype=dtype)
     assert max_relative_error(fused_moe(**problem), moe_reference(**problem)) < TOLERANCE[dtype]
 
 
@@ -115,6 +120,21 @@ def test_fp8_w8a8_matches_per_token_quantized_reference():
     assert max_relative_error(actual, moe_reference(**quantized, quantize_activations=True)) < 1e-2
     weight_only = moe_reference(**quantized)
     assert max_relative_error(actual, weight_only) > 1e-3  # the activations really went through 8 bits
+
+
+@triton.jit
+def _decode_e4m3_kernel(bits_ptr, out_ptr):
+    codes = tl.arange(0, 256)
+    tl.store(out_ptr + codes, e4m3_bits_to_scaled(tl.load(bits_ptr + codes), tl.float32) * 256.0)
+
+
+def test_e4m3_bits_decode_to_every_value_exactly():
+    bits = torch.arange(256, dtype=torch.uint8)
+    decoded = torch.empty(256)
+    _decode_e4m3_kernel[(1,)](bits, decoded)
+    expected = bits.view(torch.float8_e4m3fn).float()
+    finite = ~expected.isnan()  # 0x7f and 0xff are NaN in e4m3fn; weights never hold them
+    assert finite.sum() == 254 and torch.equal(decoded[finite], expected[finite])
 
 
 def test_quantize_per_token_scales_each_row_to_the_fp8_range():

@@ -2,7 +2,8 @@
 
 Shapes:
 - h [P, I] from the gate-and-up kernel (compute dtype, or float8_e4m3fn with h_scale [P] fp32 per-row scales: W8A8);
-- w2 [E_local, H, I], compute dtype or float8_e4m3fn with w2_scale [E_local, H] fp32 per-output-channel scales;
+- w2 [E_local, H, I], compute dtype or FP8 (float8_e4m3fn for W8A8, its raw bytes for weight-only, as in gate_up)
+  with w2_scale [E_local, H] fp32 per-output-channel scales;
 - topk_weights [P] fp32 (the flat [T, k] routing weights);
 - sorted_pair_ids [S], block_expert [S / BLOCK_M], padded_total [1] from ``moe_align``;
 - out [P, H] (compute dtype): row p = weight_p * down(h_p) for the pair's expert; rows of other ranks' pairs are left
@@ -13,6 +14,7 @@ Grid: one program per (BLOCK_M block of sorted pairs, BLOCK_N block of H) over t
 import triton
 import triton.language as tl
 
+from model.kernels.moe.fp8_bits import E4M3_AS_FP16_FACTOR, e4m3_bits_to_scaled
 from model.kernels.moe.gate_up import grouped_tile
 
 
@@ -41,7 +43,7 @@ def moe_down_kernel(h_ptr, h_scale_ptr, w_ptr, w_scale_ptr, topk_weights_ptr, ou
         a = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if WEIGHT_FP8 and not ACT_FP8:
-            w = w.to(a.dtype)
+            w = e4m3_bits_to_scaled(w, a.dtype)
         if IEEE_FP32:
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
@@ -49,7 +51,10 @@ def moe_down_kernel(h_ptr, h_scale_ptr, w_ptr, w_scale_ptr, topk_weights_ptr, ou
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if WEIGHT_FP8:
-        acc *= tl.load(w_scale_ptr + expert * stride_ws + cols, mask=col_ok, other=0.0)[None, :]
+        w_scale = tl.load(w_scale_ptr + expert * stride_ws + cols, mask=col_ok, other=0.0)
+        if not ACT_FP8:
+            w_scale *= E4M3_AS_FP16_FACTOR
+        acc *= w_scale[None, :]
     if ACT_FP8:
         acc *= tl.load(h_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
     acc *= tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]

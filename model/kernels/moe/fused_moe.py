@@ -15,6 +15,7 @@ from model.kernels.moe.tile_config import MoETileConfig, tile_config
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 COMBINE_BLOCK_H = 512
+FP32_MAX_STAGES = 2
 
 
 def supports_fp8_compute(device: torch.device) -> bool:
@@ -41,7 +42,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
     FP8: w13/w2 in float8_e4m3fn with w13_scale [E_local, 2I] and w2_scale [E_local, H] fp32 per-output-channel
     scales. quantize_activations (default: on where ``supports_fp8_compute``) also quantizes x and the intermediate
-    per token (W8A8); otherwise the weights are widened to x's dtype tile by tile (weight-only).
+    per token (W8A8); otherwise the weights are widened to x's dtype tile by tile (weight-only, any GPU).
     """
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
@@ -65,12 +66,16 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return out
     tiles = config or tile_config(num_tokens)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    if weight_fp8 and not quantize_activations:
+        w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)  # weight-only kernels decode the e4m3 bits
     num_pairs = num_tokens * top_k
     sorted_pair_ids, block_expert, padded_total = moe_align(topk_ids, num_local_experts, tiles.block_m, expert_start)
     num_m_blocks = block_expert.numel()
+    # fp32 tiles take twice the shared memory of the 16-bit ones the table is sized for: fewer pipeline stages.
+    num_stages = min(tiles.num_stages, FP32_MAX_STAGES) if x.dtype == torch.float32 else tiles.num_stages
     flags = dict(WEIGHT_FP8=weight_fp8, ACT_FP8=quantize_activations, IEEE_FP32=x.dtype == torch.float32,
                  BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-                 num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                 num_warps=tiles.num_warps, num_stages=num_stages)
 
     a, a_scale = quantize_per_token(x) if quantize_activations else (x, x)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [P, I]

@@ -2,8 +2,10 @@
 
 Shapes:
 - x [T, H] activations (compute dtype, or float8_e4m3fn with x_scale [T] fp32 per-token scales: W8A8);
-- w13 [E_local, 2I, H] (gate rows then up rows), compute dtype or float8_e4m3fn with w13_scale [E_local, 2I] fp32
-  per-output-channel scales, applied to the fp32 accumulator (exact: a channel's scale is constant along K);
+- w13 [E_local, 2I, H] (gate rows then up rows), compute dtype or FP8 with w13_scale [E_local, 2I] fp32
+  per-output-channel scales, applied to the fp32 accumulator (exact: a channel's scale is constant along K). FP8
+  weights are float8_e4m3fn for W8A8, and their raw bytes (uint8) for weight-only, widened in registers with
+  ``e4m3_bits_to_scaled`` (any GPU);
 - sorted_pair_ids [S], block_expert [S / BLOCK_M], padded_total [1] from ``moe_align``;
 - out [P, I] (compute dtype): row p = t * k + j holds SiLU(gate) * up of token t for its j-th expert. Rows of pairs
   this rank does not hold are left unwritten.
@@ -13,6 +15,8 @@ whose block lies past padded_total returns at once, and sentinel rows (pair id P
 """
 import triton
 import triton.language as tl
+
+from model.kernels.moe.fp8_bits import E4M3_AS_FP16_FACTOR, e4m3_bits_to_scaled
 
 
 @triton.jit
@@ -54,9 +58,9 @@ def moe_gate_up_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr,
         w_mask = k_ok[:, None] & col_ok[None, :]
         w_gate = tl.load(gate_ptrs, mask=w_mask, other=0.0)
         w_up = tl.load(up_ptrs, mask=w_mask, other=0.0)
-        if WEIGHT_FP8 and not ACT_FP8:
-            w_gate = w_gate.to(a.dtype)  # weight-only: 8-bit tile widened in registers
-            w_up = w_up.to(a.dtype)
+        if WEIGHT_FP8 and not ACT_FP8:  # weight-only: 8-bit tiles widened in registers
+            w_gate = e4m3_bits_to_scaled(w_gate, a.dtype)
+            w_up = e4m3_bits_to_scaled(w_up, a.dtype)
         if IEEE_FP32:
             gate = tl.dot(a, w_gate, gate, input_precision="ieee")
             up = tl.dot(a, w_up, up, input_precision="ieee")
@@ -68,8 +72,13 @@ def moe_gate_up_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr,
         up_ptrs += BLOCK_K
     if WEIGHT_FP8:
         scale_ptrs = w_scale_ptr + expert * stride_ws + cols
-        gate *= tl.load(scale_ptrs, mask=col_ok, other=0.0)[None, :]
-        up *= tl.load(scale_ptrs + inter, mask=col_ok, other=0.0)[None, :]
+        gate_scale = tl.load(scale_ptrs, mask=col_ok, other=0.0)
+        up_scale = tl.load(scale_ptrs + inter, mask=col_ok, other=0.0)
+        if not ACT_FP8:
+            gate_scale *= E4M3_AS_FP16_FACTOR
+            up_scale *= E4M3_AS_FP16_FACTOR
+        gate *= gate_scale[None, :]
+        up *= up_scale[None, :]
     if ACT_FP8:
         token_scale = tl.load(x_scale_ptr + tokens, mask=row_ok, other=0.0)[:, None]
         gate *= token_scale
