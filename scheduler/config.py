@@ -10,6 +10,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or float32, bfloat16, float16
     device: str = "auto"  # auto: cuda when available, else cpu
     load_format: str = "auto"  # auto (safetensors) or dummy (random weights for the config)
+    quantization: str | None = None  # fp8: quantize a high-precision checkpoint's Linear weights while loading
     max_model_len: int | None = None  # None: the config's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192

@@ -10,7 +10,7 @@ from model.config import ModelConfig
 from model.device import resolve_device, resolve_dtype
 from model.forward_batch import ForwardBatch
 from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
-from model.loader import load_model
+from model.loader import load_model, weight_summary
 from scheduler.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,11 @@ class ModelExecutor:
             device=self.device,
             load_format=config.load_format,
             expert_metrics=config.expert_metrics,
+            quantization=config.quantization,
             moe_backend=config.moe_backend,
         )
+        self.weight_dtype, self.weight_bytes = weight_summary(self.model)
+        logger.info("weights: %s, %.1f MiB on %s", self.weight_dtype, self.weight_bytes / 2**20, self.device)
         budget = self._kv_cache_budget(config)
         bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, self.dtype)
         self.num_kv_blocks = budget // bytes_per_block

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from model.config import ModelConfig
 from model.forward_batch import ForwardBatch
 from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
-from model.loader import load_model
+from model.loader import load_model, weight_summary
 from model.parallel import ParallelState
 from scheduler.config import EngineConfig
 from scheduler.model_runner import CPU_KV_CACHE_BYTES
@@ -57,7 +57,11 @@ class ModelShard:
         self.block_size = config.block_size
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.model = load_model(config.model, dtype=dtype, device=device, load_format=config.load_format,
-                                parallel=parallel, expert_metrics=expert_metrics, moe_backend=config.moe_backend)
+                                parallel=parallel, expert_metrics=expert_metrics, quantization=config.quantization,
+                                moe_backend=config.moe_backend)
+        self.weight_dtype, self.weight_bytes = weight_summary(self.model)
+        logger.info("rank %d: weights %s, %.1f MiB on %s", parallel.rank, self.weight_dtype, self.weight_bytes / 2**20,
+                    device)
         self.bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, dtype, parallel)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 

@@ -121,6 +121,16 @@ class ParallelExecutor:
         threading.Thread(target=self._watch, name="tp-watchdog", daemon=True).start()
 
     @property
+    def weight_dtype(self) -> str:
+        """The weights' dtype(s) in words, e.g. "float8_e4m3fn+bfloat16" (every rank holds the same)."""
+        return self._shard.weight_dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights on rank 0 (each rank holds about as much)."""
+        return self._shard.weight_bytes
+
+    @property
     def worker_pids(self) -> list[int]:
         return [process.pid for process in self._workers]
 

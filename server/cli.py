@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     model.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="auto: safetensors from --model; dummy: random weights for the config (benchmarks)")
+    model.add_argument("--quantization", choices=["fp8"], help="fp8: quantize a bf16/fp16 checkpoint's Linear "
+                       "weights to float8 (per output channel) while loading; FP8 checkpoints need no flag")
     model.add_argument("--chat-template", help="a Jinja file or template overriding the checkpoint's chat template")
     model.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler for unseeded requests")
     engine = parser.add_argument_group("engine")
