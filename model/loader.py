@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from model.attention_backend import ATTENTION_BACKENDS, resolve_attention_backend
 from model.checkpoint import TensorEntry, read_checkpoint_headers
 from model.config import ModelConfig
 from model.dots1 import Dots1ForCausalLM
@@ -27,15 +28,27 @@ _DUMMY_STD = 0.02
 
 
 def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device | str, load_format: str = "auto",
-               parallel: ParallelState | None = None, expert_metrics: bool = False) -> Dots1ForCausalLM:
-    """The model described by ``model_dir``/config.json, with its checkpoint's weights (or random ones: "dummy")."""
+               parallel: ParallelState | None = None, expert_metrics: bool = False, attention_backend: str = "auto",
+               kv_cache_dtype: torch.dtype | None = None) -> Dots1ForCausalLM:
+    """The model described by ``model_dir``/config.json, with its checkpoint's weights (or random ones: "dummy").
+
+    ``attention_backend`` (auto, torch, triton) is resolved here, on ``device``, for a cache of ``kv_cache_dtype``
+    (default: ``dtype``); see ``model.attention_backend.resolve_attention_backend``.
+    """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
     model_dir = Path(model_dir)
     config = ModelConfig.from_pretrained(model_dir)
     entries = None if load_format == "dummy" else read_checkpoint_headers(model_dir)
     with torch.device(device):
         model = Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype)
+    attention = model.layers[0].self_attn
+    windows = tuple(sorted({layer.self_attn.window for layer in model.layers}, key=lambda w: w or 0))
+    model.attention_backend = resolve_attention_backend(attention_backend, device, dtype, kv_cache_dtype,
+                                                        attention.head_dim,
+                                                        attention.num_heads // attention.num_kv_heads, windows)
     if entries is None:
         initialize_dummy_weights(model)
     else:
