@@ -97,8 +97,8 @@ def test_fp8_kv_cache_gives_the_same_logits_in_both_backends(case):
 def test_triton_that_cannot_run_falls_back_to_torch_with_a_warning():
     """On a CPU without the interpreter Triton has no driver: the self-check fails and the model still loads."""
     script = ("import logging, torch; logging.basicConfig(level=logging.INFO); from model.loader import load_model; "
-              f"m = load_model({str(EMBEDDED_MODEL_DIR)!r}, dtype=torch.float32, device='cpu', attention_backend='triton'); "
-              "print('backend', m.attention_backend.name)")
+              f"m = load_model({str(EMBEDDED_MODEL_DIR)!r}, dtype=torch.float32, device='cpu', "
+              "attention_backend='triton'); print('backend', m.attention_backend.name)")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)

@@ -40,7 +40,8 @@ def test_fp8_pool_holds_four_times_the_float32_blocks_and_says_so(caplog: pytest
                   for name, executor in (("fp8", fp8), ("full", full))}
         # The first layer's keys and values are computed before any attention: the pool holds exactly their bytes.
         for fp8_cache, full_cache in zip(fp8.kv_caches[0], full.kv_caches[0]):
-            assert torch.equal(fp8_cache[[3, 1]].view(torch.uint8), quantize_kv(full_cache[[3, 1]], 1.0).view(torch.uint8))
+            expected = quantize_kv(full_cache[[3, 1]], 1.0)
+            assert torch.equal(fp8_cache[[3, 1]].view(torch.uint8), expected.view(torch.uint8))
         assert fp8.kv_caches[0][0][3].float().abs().max() > 0
         relative = (logits["fp8"] - logits["full"]).norm(dim=-1) / logits["full"].norm(dim=-1)
         assert torch.isfinite(logits["fp8"]).all() and (relative < 0.5).all()
