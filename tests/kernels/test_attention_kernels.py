@@ -1,6 +1,7 @@
 """The Triton paged-attention kernels (under TRITON_INTERPRET=1) against the torch reference backend."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.attention_backend import TorchAttentionBackend, TritonAttentionBackend
 from model.forward_batch import ForwardBatch
@@ -117,6 +118,37 @@ def test_padded_rows_write_nothing_and_stay_finite(padding, kind):
     torch.testing.assert_close(out[:-2], real, atol=0, rtol=0)
     for written, reference in zip(caches, real_caches):
         assert torch.equal(written, reference)
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+READ_BACK_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "is_nonzero")
+
+
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_triton_metadata_is_the_batch_tensors_and_the_forward_reads_nothing_back(kind):
+    """What a CUDA graph needs: metadata built without a tensor op (no host lists copied to the device), and no op
+    in store + attend that reads a device value on the host."""
+    new = [1, 1, 1] if kind == "decode" else [1, 12, 1]
+    problem = make_problem([30, 0, 70], new, 16, num_heads=2, num_kv_heads=1, seed=10)
+    batch = pad_batch(problem.batch, rows=1, context=0)
+    query, key, value = (torch.cat([x, torch.zeros(1, *x.shape[1:])])
+                         for x in (problem.query, problem.key, problem.value))
+    caches = (problem.history[0].clone(), problem.history[1].clone())
+    with RecordOps() as building:
+        metadata = TRITON.build_metadata(batch, 16)
+    assert building.ops == []
+    with RecordOps() as forward:
+        TRITON.forward(Layer(scale=0.25), query, key, value, *caches, metadata)
+    assert not [op for op in forward.ops if any(name in op for name in READ_BACK_OPS)], forward.ops
 
 
 def pad_batch(batch: ForwardBatch, rows: int, context: int) -> ForwardBatch:
