@@ -1,4 +1,4 @@
-"""The Triton paged-attention kernels (under TRITON_INTERPRET=1) against the torch reference backend."""
+"""The Triton paged-attention kernels (under TRITON_INTERPRET=1, see tests/conftest.py) against the torch backend."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

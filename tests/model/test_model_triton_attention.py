@@ -1,20 +1,18 @@
-"""The whole model with attention_backend="triton" (Triton's interpreter on the CPU) against Transformers."""
+"""The whole model with attention_backend="triton" (Triton's interpreter on the CPU, see tests/conftest.py) against
+Transformers."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
+import pytest
+import torch
+from dots1_reference import build_reference, reference_generate
+from paged_runner import PagedRunner
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from dots1_reference import build_reference, reference_generate  # noqa: E402
-from paged_runner import PagedRunner  # noqa: E402
-
-from model.embedded import EMBEDDED_MODEL_DIR  # noqa: E402
-from model.kv_cache import FP8_KV_DTYPE  # noqa: E402
-from model.loader import load_model  # noqa: E402
+from model.embedded import EMBEDDED_MODEL_DIR
+from model.kv_cache import FP8_KV_DTYPE
+from model.loader import load_model
 
 TOLERANCE = 1e-4
 DECODE_STEPS = 4
