@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from model.attention_backend import ATTENTION_BACKENDS, resolve_attention_backend
 from model.checkpoint import TensorEntry, read_checkpoint_headers
 from model.config import ModelConfig
 from model.dots1 import Dots1ForCausalLM
@@ -35,15 +36,20 @@ _DUMMY_STD = 0.02
 
 def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device | str, load_format: str = "auto",
                parallel: ParallelState | None = None, expert_metrics: bool = False,
-               quantization: str | None = None, moe_backend: str = "auto") -> Dots1ForCausalLM:
+               quantization: str | None = None, moe_backend: str = "auto", attention_backend: str = "auto",
+               kv_cache_dtype: torch.dtype | None = None) -> Dots1ForCausalLM:
     """The model described by ``model_dir``/config.json, with its checkpoint's weights (or random ones: "dummy").
 
     Weights are FP8 where the checkpoint's quantization_config says so, or (``quantization="fp8"``) quantized while
     they stream in from a high-precision checkpoint. ``moe_backend`` (auto, torch, triton) picks the routed experts'
-    implementation; see ``model.moe_backend``.
+    implementation; see ``model.moe_backend``. ``attention_backend`` (auto, torch, triton) is resolved here, on
+    ``device``, for a cache of ``kv_cache_dtype`` (default: ``dtype``); see
+    ``model.attention_backend.resolve_attention_backend``.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
     model_dir = Path(model_dir)
     config = ModelConfig.from_pretrained(model_dir)
     scheme = weight_scheme(config, quantization)
@@ -52,6 +58,11 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
                                       has_moe_layers=bool(config.moe_layer_ids))
     model = build_model(config, scheme, dtype=dtype, device=device, parallel=parallel, expert_metrics=expert_metrics,
                         moe_backend=moe_backend)
+    attention = model.layers[0].self_attn
+    windows = tuple(sorted({layer.self_attn.window for layer in model.layers}, key=lambda w: w or 0))
+    model.attention_backend = resolve_attention_backend(attention_backend, device, dtype, kv_cache_dtype,
+                                                        attention.head_dim,
+                                                        attention.num_heads // attention.num_kv_heads, windows)
     if entries is None:
         initialize_dummy_weights(model)
     else:

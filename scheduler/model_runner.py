@@ -9,7 +9,7 @@ import torch
 from model.config import ModelConfig
 from model.device import resolve_device, resolve_dtype
 from model.forward_batch import ForwardBatch
-from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
+from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block, resolve_kv_cache_dtype
 from model.loader import load_model, weight_summary
 from scheduler.config import EngineConfig
 
@@ -23,6 +23,7 @@ class ModelExecutor:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.model = load_model(
             config.model,
@@ -32,11 +33,14 @@ class ModelExecutor:
             expert_metrics=config.expert_metrics,
             quantization=config.quantization,
             moe_backend=config.moe_backend,
+            attention_backend=config.attention_backend,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
+        self.attention_backend = self.model.attention_backend.name
         self.weight_dtype, self.weight_bytes = weight_summary(self.model)
         logger.info("weights: %s, %.1f MiB on %s", self.weight_dtype, self.weight_bytes / 2**20, self.device)
         budget = self._kv_cache_budget(config)
-        bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, self.dtype)
+        bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, self.kv_cache_dtype)
         self.num_kv_blocks = budget // bytes_per_block
         if self.num_kv_blocks < 1:
             raise ValueError(
@@ -44,11 +48,12 @@ class ModelExecutor:
                 f"({bytes_per_block} bytes each); raise --kv-cache-memory or --gpu-memory-utilization"
             )
         self.kv_caches = allocate_kv_cache(
-            self.model_config, self.num_kv_blocks, config.block_size, self.dtype, self.device
+            self.model_config, self.num_kv_blocks, config.block_size, self.kv_cache_dtype, self.device
         )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB) on %s",
-            self.num_kv_blocks, config.block_size, self.num_kv_blocks * bytes_per_block / 2**20, self.device,
+            "KV cache: %d blocks of %d tokens (%.1f MiB, %s) on %s; attention backend %s",
+            self.num_kv_blocks, config.block_size, self.num_kv_blocks * bytes_per_block / 2**20,
+            str(self.kv_cache_dtype).removeprefix("torch."), self.device, self.attention_backend,
         )
 
     @property

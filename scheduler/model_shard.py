@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from model.config import ModelConfig
 from model.forward_batch import ForwardBatch
-from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
+from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block, resolve_kv_cache_dtype
 from model.loader import load_model, weight_summary
 from model.parallel import ParallelState
 from scheduler.config import EngineConfig
@@ -55,14 +55,17 @@ class ModelShard:
         self.dtype = dtype
         self.parallel = parallel
         self.block_size = config.block_size
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.model = load_model(config.model, dtype=dtype, device=device, load_format=config.load_format,
                                 parallel=parallel, expert_metrics=expert_metrics, quantization=config.quantization,
-                                moe_backend=config.moe_backend)
+                                moe_backend=config.moe_backend, attention_backend=config.attention_backend,
+                                kv_cache_dtype=self.kv_cache_dtype)
         self.weight_dtype, self.weight_bytes = weight_summary(self.model)
         logger.info("rank %d: weights %s, %.1f MiB on %s", parallel.rank, self.weight_dtype, self.weight_bytes / 2**20,
                     device)
-        self.bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, dtype, parallel)
+        self.bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, self.kv_cache_dtype,
+                                                        parallel)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def blocks_that_fit(self, config: EngineConfig) -> int:
@@ -82,10 +85,11 @@ class ModelShard:
                 f"the KV cache budget holds no block of {self.block_size} tokens ({self.bytes_per_block} bytes each "
                 f"on every rank); raise --kv-cache-memory or --gpu-memory-utilization"
             )
-        self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, self.block_size, self.dtype, self.device,
-                                           self.parallel)
-        logger.info("rank %d: KV cache of %d blocks of %d tokens (%.1f MiB) on %s", self.parallel.rank, num_blocks,
-                    self.block_size, num_blocks * self.bytes_per_block / 2**20, self.device)
+        self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, self.block_size, self.kv_cache_dtype,
+                                           self.device, self.parallel)
+        logger.info("rank %d: KV cache of %d blocks of %d tokens (%.1f MiB, %s) on %s; attention backend %s",
+                    self.parallel.rank, num_blocks, self.block_size, num_blocks * self.bytes_per_block / 2**20,
+                    str(self.kv_cache_dtype).removeprefix("torch."), self.device, self.model.attention_backend.name)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """float32 logits [len(batch.logits_indices), vocab]; every rank must run the same batch."""

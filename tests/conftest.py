@@ -1,7 +1,8 @@
 """Makes the helpers at the top of tests/ (random_dots1.py) importable from every test folder.
 
-Without CUDA, Triton kernels run only interpreted, and triton.language settles that when it is first imported
-(Transformers imports it), so the switch is set here, before any test module loads.
+Without CUDA, Triton kernels run on the CPU through Triton's interpreter. It has to be on before anything imports
+Triton: importing Transformers' Dots1 does, and Triton decides at each ``@triton.jit`` (its own ``tl.sum`` included)
+whether that function is compiled or interpreted.
 """
 import os
 
