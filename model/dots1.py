@@ -79,6 +79,13 @@ class Dots1ForCausalLM(nn.Module):
         hidden = self.norm(hidden.index_select(0, batch.logits_indices))  # [L, H]
         return self.lm_head(hidden)
 
+    @property
+    def graph_safe(self) -> bool:
+        """True when a decode forward makes no host sync (so a CUDA graph can capture it): every attention layer
+        and every MoE block says so with its own ``graph_safe`` (its backend is sync-free); dense blocks are."""
+        return all(getattr(layer.self_attn, "graph_safe", False)
+                   and getattr(layer.mlp, "graph_safe", isinstance(layer.mlp, GatedMLP)) for layer in self.layers)
+
     def pack_weights_for_cpu(self) -> None:
         """Re-lays out every projection weight for oneDNN (see ``model.linear.pack_weight``); call once after
         loading, on the CPU only. Embedding and norm weights stay as they are."""

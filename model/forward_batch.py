@@ -59,33 +59,37 @@ class ForwardBatch:
     ) -> "ForwardBatch":
         """Builds a batch from per-sequence new tokens, cached-prefix lengths and block tables.
 
-        By default logits are requested for the last new token of each sequence.
+        By default logits are requested for the last new token of each sequence. Positions and slots come from a
+        few tensor ops over the whole batch, not a Python loop over its tokens.
         """
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        context_lens: list[int] = []
-        for tokens, cached, table in zip(token_ids, num_cached, block_tables, strict=True):
-            for offset, token in enumerate(tokens):
-                pos = cached + offset
-                input_ids.append(token)
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-            starts.append(starts[-1] + len(tokens))
-            context_lens.append(cached + len(tokens))
-        if logits_indices is None:
-            logits_indices = [end - 1 for end in starts[1:]]
+        query_lens = [len(tokens) for tokens in token_ids]
+        if not len(query_lens) == len(num_cached) == len(block_tables):
+            raise ValueError("token_ids, num_cached and block_tables must have one entry per sequence")
+        context_lens = [cached + query_len for cached, query_len in zip(num_cached, query_lens)]
+        if any(context_len > len(table) * block_size for context_len, table in zip(context_lens, block_tables)):
+            raise ValueError("a sequence's block table does not cover its context")
         width = max((len(t) for t in block_tables), default=0)
-        padded_tables = [t + [0] * (width - len(t)) for t in block_tables]
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        tables = tables.reshape(len(block_tables), width)  # [B, W]
+        lens = torch.tensor(query_lens, dtype=torch.int64)  # [B]
+        starts = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=starts[1:])  # [B + 1]
+        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), lens)  # [T]
+        positions = (torch.arange(int(starts[-1])) - starts[seq_of_token]
+                     + torch.tensor(num_cached, dtype=torch.int64)[seq_of_token])  # [T]
+        blocks = tables[seq_of_token, positions // block_size].long()  # [T]
+        if logits_indices is None:
+            logits = starts[1:] - 1
+        else:
+            logits = torch.tensor(logits_indices, dtype=torch.int64)
         return ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            input_ids=torch.tensor([token for tokens in token_ids for token in tokens], dtype=torch.int64),
+            positions=positions,
+            query_start_loc=starts.to(torch.int32),
             context_lens=torch.tensor(context_lens, dtype=torch.int32),
-            block_tables=torch.tensor(padded_tables, dtype=torch.int32).reshape(len(block_tables), width),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
-            query_lens_cpu=[len(t) for t in token_ids],
+            block_tables=tables,
+            slot_mapping=blocks * block_size + positions % block_size,
+            logits_indices=logits,
+            query_lens_cpu=query_lens,
             context_lens_cpu=context_lens,
         )

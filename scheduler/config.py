@@ -19,6 +19,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    enforce_eager: bool = False  # never capture or replay CUDA graphs for decode steps
     expert_metrics: bool = True  # count token-expert assignments on device for the metrics
     chat_template: str | None = None  # a file or a literal template overriding the checkpoint's
     seed: int = 0

@@ -13,10 +13,11 @@ from multiprocessing.connection import Connection
 import torch
 import torch.distributed as dist
 
-from model.device import resolve_device, resolve_dtype
+from model.device import resolve_device
 from model.parallel import ParallelState
 from scheduler.config import EngineConfig
-from scheduler.model_shard import STORE_HOST, ModelShard, join_process_group, min_over_ranks, rank_device
+from scheduler.model_runner import ModelExecutor
+from scheduler.process_group import STORE_HOST, join_process_group, min_over_ranks, rank_device
 from scheduler.tp_batch import receive_step
 
 logger = logging.getLogger(__name__)
@@ -44,18 +45,17 @@ def run_worker(rank: int, world_size: int, store_port: int, config: EngineConfig
 
 def _serve(rank: int, world_size: int, store_port: int, config: EngineConfig, num_threads: int) -> None:
     device = rank_device(resolve_device(config.device), rank)
-    dtype = resolve_dtype(config.dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(num_threads)
     store = dist.TCPStore(STORE_HOST, store_port, world_size, is_master=False)
     control = join_process_group(rank, world_size, store, device)
     parallel = ParallelState(rank=rank, world_size=world_size, expert_parallel=config.enable_expert_parallel)
     # Rank 0 counts expert assignments for the metrics; the router is replicated, so every rank's counts agree.
-    shard = ModelShard(config, parallel, device, dtype, expert_metrics=False)
-    shard.allocate_kv_cache(min_over_ranks(shard.blocks_that_fit(config), control))
+    executor = ModelExecutor(config, parallel, device, expert_metrics=False,
+                             agree=lambda value: min_over_ranks(value, control))
     while (batch := receive_step(control)) is not None:
-        shard.run(batch)
-    shard.release()
+        executor.execute(batch)
+    executor.shutdown()
     dist.destroy_process_group()
 
 
