@@ -17,10 +17,13 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64, each token's position in its own sequence
     query_start_loc: torch.Tensor  # [B + 1] int32, cumulative offsets of each sequence's new tokens
     context_lens: torch.Tensor  # [B] int32, tokens in the sequence's context once this step's tokens are written
-    block_tables: torch.Tensor  # [B, max_blocks] int32, the sequence's KV blocks in order; unused entries are 0
+    block_tables: torch.Tensor  # [B, W] int32, the sequence's KV blocks in order; entries past them hold any
+    #   valid block id (0 from ``build``) and are never read
     slot_mapping: torch.Tensor  # [T] int64, block_id * block_size + offset where each new token's K/V is written
     logits_indices: torch.Tensor  # [L] int64, flat token indices whose logits are returned, in this order
-    # Host-side copies, so the CPU attention path and the scheduler never sync on a device tensor.
+    # Host-side copies, so the CPU attention path and the scheduler never sync on a device tensor. In a batch
+    # captured for graph replay, context_lens_cpu holds the bound max_model_len for every row: the real lengths
+    # change from replay to replay and live only in context_lens.
     query_lens_cpu: list[int]
     context_lens_cpu: list[int]
 

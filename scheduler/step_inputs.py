@@ -89,22 +89,23 @@ class StepInputs:
         self._host = BatchViews.over(self._host_buffer, capacity)
         self.on_device = BatchViews.over(self._device_buffer, capacity)
         self._table_offset = capacity.nbytes - 4 * capacity.max_seqs * capacity.table_width
-        self._copied: torch.cuda.Event | None = None
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None  # the last copy left the host buffer
+        self._copy_pending = False
 
     def host(self) -> BatchViews:
         """The host views to write a step into, once the previous step's copy has left them."""
-        if self._copied is not None:
+        if self._copy_pending:
             self._copied.synchronize()
-            self._copied = None
+            self._copy_pending = False
         return self._host
 
     def copy_to_device(self, num_seqs: int) -> None:
         """The one host-to-device copy of a step: every part, and the first ``num_seqs`` table rows."""
         end = self._table_offset + 4 * num_seqs * self.capacity.table_width
         self._device_buffer[:end].copy_(self._host_buffer[:end], non_blocking=True)
-        if self.device.type == "cuda":
-            self._copied = torch.cuda.Event()
+        if self._copied is not None:
             self._copied.record()
+            self._copy_pending = True
 
     def load(self, batch: ForwardBatch) -> ForwardBatch:
         """``batch`` on the device, through the buffers (``capacity.holds(batch)`` must be true)."""

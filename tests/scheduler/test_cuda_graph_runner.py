@@ -11,6 +11,7 @@ from model.forward_batch import ForwardBatch
 from scheduler.config import EngineConfig
 from scheduler.cuda_graph_runner import EagerStepGraph, capture_sizes
 from scheduler.model_runner import ModelExecutor
+from scheduler.step_inputs import BatchCapacity, StepInputs
 
 CONFIG = dict(
     vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
@@ -160,5 +161,31 @@ def test_a_failed_capture_leaves_an_eager_executor(model_dir, caplog):
         executor.execute(driver.batch({"a": [1, 2, 3]}))
         logits = executor.execute(driver.batch({"a": [4]}))
         assert logits.shape == (1, CONFIG["vocab_size"]) and torch.isfinite(logits).all()
+    finally:
+        executor.shutdown()
+
+
+def test_step_inputs_carry_batches_through_one_buffer_whatever_came_before(model_dir):
+    """Eager steps on CUDA go through these buffers: a small batch after a big one sees stale table entries past
+    its own blocks, which the forward must never read."""
+    executor = ModelExecutor(engine_config(model_dir))
+    try:
+        capacity = BatchCapacity(max_tokens=16, max_seqs=4, table_width=6, max_logits=16)
+        inputs = StepInputs(capacity, torch.device("cpu"))
+        reference_driver, driver = Driver(executor.num_kv_blocks), Driver(executor.num_kv_blocks)
+        steps = [{"a": [1, 2, 3, 4, 5, 6, 7], "b": [8, 9, 10], "c": [11, 12, 13, 14, 15, 16]},
+                 {"a": [17], "b": [18], "c": [19]}, {"b": [20]}, {"c": [21, 22], "a": [23]}]
+        for chunks in steps:
+            batch = driver.batch(chunks)
+            assert capacity.holds(batch)
+            loaded = inputs.load(batch)
+            for name in ("input_ids", "positions", "slot_mapping", "logits_indices", "query_start_loc",
+                         "context_lens"):
+                assert torch.equal(getattr(loaded, name), getattr(batch, name)), name
+            assert loaded.block_tables.shape == (batch.num_seqs, capacity.table_width)
+            assert torch.equal(loaded.block_tables[:, :batch.block_tables.shape[1]], batch.block_tables)
+            expected = executor.model(reference_driver.batch(chunks), executor.kv_caches)
+            assert (executor.model(loaded, executor.kv_caches) - expected).abs().max().item() < 1e-5
+        assert not capacity.holds(Driver(executor.num_kv_blocks).batch({str(i): [i] for i in range(5)}))
     finally:
         executor.shutdown()
