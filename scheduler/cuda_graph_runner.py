@@ -121,12 +121,12 @@ class DecodeGraphRunner:
                     self.sizes[0], self.max_batch, self.capture_seconds, self.capture_bytes / 2**20)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits [len(batch.logits_indices), V] for a pure-decode batch, by replay; the rows are a view
-        of the static output buffer, valid until the next replay."""
+        """float32 logits [len(batch.logits_indices), V] for a pure-decode batch, by replay. A copy of the static
+        output rows: a caller may keep them past the next replay (one more [L, V] copy on the device)."""
         size = self.padded_size(batch.num_seqs)
         self._write_inputs(batch, size)
         self.graphs[size].replay()
-        return self.logits[:batch.logits_indices.shape[0]]
+        return self.logits[:batch.logits_indices.shape[0]].clone()
 
     def _write_inputs(self, batch: ForwardBatch | None, size: int) -> None:
         """The batch's rows (none for a capture), padding rows up to ``size``, and the one copy to the device."""

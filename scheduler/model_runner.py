@@ -79,8 +79,8 @@ class ModelExecutor:
         return self.model is not None
 
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
-        """Runs one step; float32 logits [len(batch.logits_indices), vocab] on the model's device, valid until the
-        next step. Every rank must run the same batch."""
+        """Runs one step; float32 logits [len(batch.logits_indices), vocab] on the model's device. Every rank must
+        run the same batch."""
         with torch.inference_mode():
             if self.graphs is not None and self.graphs.can_run(batch):
                 return self.graphs.run(batch)

@@ -30,6 +30,7 @@ from model.device import resolve_device, resolve_dtype
 from model.forward_batch import ForwardBatch
 from model.parallel import ParallelState
 from scheduler.config import EngineConfig
+from scheduler.cuda_graph_runner import StepGraph
 from scheduler.model_runner import ModelExecutor
 from scheduler.outputs import EngineDeadError
 from scheduler.parallel_worker import run_worker
@@ -76,7 +77,8 @@ class _Rank0Thread:
 
 
 class ParallelExecutor:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, make_graph: Callable[[], StepGraph] | None = None) -> None:
+        """``make_graph``: as for ModelExecutor, on every rank (it must pickle: a class, not a closure)."""
         self.world_size = config.tensor_parallel_size
         if self.world_size < 2:
             raise ValueError(f"ParallelExecutor needs tensor_parallel_size >= 2, got {self.world_size}")
@@ -84,7 +86,6 @@ class ParallelExecutor:
         _check_devices(requested, self.world_size)
         self.device = rank_device(requested, 0)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.block_size = config.block_size
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.num_kv_blocks = 0
         self._failure: str | None = None
@@ -105,14 +106,14 @@ class ParallelExecutor:
                 process = context.Process(
                     target=run_worker, name=f"dots-serve-tp{rank}", daemon=True,
                     args=(rank, self.world_size, store.port, config, num_threads, writer, os.getpid(),
-                          logging.getLogger().getEffectiveLevel()),
+                          logging.getLogger().getEffectiveLevel(), make_graph),
                 )
                 process.start()
                 writer.close()
                 self._workers.append(process)
                 self._error_pipes.append(reader)
                 logger.info("tensor-parallel rank %d: worker process pid %d", rank, process.pid)
-            self._wait(self._rank0.submit(lambda: self._setup(config, store)))
+            self._wait(self._rank0.submit(lambda: self._setup(config, store, make_graph)))
         except BaseException:
             self._closed = True
             self._stop_workers(grace_s=0.0)
@@ -167,10 +168,10 @@ class ParallelExecutor:
         if self._shard is not None and self._failure is None:
             self._shard.shutdown()  # after a failure a stuck collective could block freeing device memory
 
-    def _setup(self, config: EngineConfig, store: dist.Store) -> None:
+    def _setup(self, config: EngineConfig, store: dist.Store, make_graph: Callable[[], StepGraph] | None) -> None:
         self._control = join_process_group(0, self.world_size, store, self.device)
         parallel = ParallelState(rank=0, world_size=self.world_size, expert_parallel=config.enable_expert_parallel)
-        self._shard = ModelExecutor(config, parallel, self.device,
+        self._shard = ModelExecutor(config, parallel, self.device, make_graph=make_graph,
                                    agree=lambda value: min_over_ranks(value, self._control))
         self.num_kv_blocks = self._shard.num_kv_blocks
 

@@ -106,6 +106,7 @@ def test_replayed_decode_steps_give_the_eager_logits(model_dir):
         driver = Driver(graphed.num_kv_blocks)
         rng = random.Random(1)
         last: dict[str, int] = {}
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits as returned, a copy made at once)
 
         def step(chunks: dict[str, list[int]]) -> None:
             batch = driver.batch(chunks)
@@ -116,6 +117,7 @@ def test_replayed_decode_steps_give_the_eager_logits(model_dir):
             for name, logits in zip(chunks, expected):
                 last[name] = int(logits.argmax())
             assert got.argmax(-1).tolist() == [last[name] for name in chunks]
+            kept.append((got, got.clone()))
 
         def prompt(n: int) -> list[int]:
             return [rng.randrange(CONFIG["vocab_size"]) for _ in range(n)]
@@ -137,6 +139,7 @@ def test_replayed_decode_steps_give_the_eager_logits(model_dir):
         decode("defghijkl")
         decode("ac")
         assert CountingGraph.replays == [4, 4, 4, 4, 1, 8, 12, 12, 2]
+        assert all(torch.equal(returned, copy) for returned, copy in kept)  # later replays left them alone
         # The padded rows of the last replay (2 real of 2) and of the one before (9 of 12) point at the padding
         # block only; the real sequences' cache blocks hold what the eager run wrote.
         static = runner.inputs.on_device
