@@ -83,6 +83,13 @@ class Dots1ForCausalLM(nn.Module):
         hidden = self.norm(hidden.index_select(0, batch.logits_indices))  # [L, H]
         return self.lm_head(hidden)
 
+    @property
+    def graph_safe(self) -> bool:
+        """True when a decode forward makes no host sync (so a CUDA graph can capture it): the attention backend
+        and every MoE block run the sync-free Triton paths; dense blocks always are."""
+        return self.attention_backend.name == "triton" and all(
+            isinstance(layer.mlp, GatedMLP) or layer.mlp.experts.backend == "triton" for layer in self.layers)
+
     def pack_weights_for_cpu(self) -> None:
         """Re-lays out every projection weight for oneDNN (see ``model.linear.pack_weight``); call once after
         loading, on the CPU only. Embedding and norm weights stay as they are."""

@@ -22,6 +22,7 @@ class EngineConfig:
     enable_expert_parallel: bool = False
     attention_backend: str = "auto"  # torch, triton, or auto: triton on CUDA if its start-up self-check passes
     kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: float8_e4m3fn keys and values with per-layer scales
+    enforce_eager: bool = False  # never capture or replay CUDA graphs for decode steps
     expert_metrics: bool = True  # count token-expert assignments on device for the metrics
     moe_backend: str = "auto"  # routed experts: auto (triton on CUDA, else torch), torch or triton
     chat_template: str | None = None  # a file or a literal template overriding the checkpoint's

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (or CPU processes) per replica")
     engine.add_argument("--enable-expert-parallel", action=argparse.BooleanOptionalAction, default=False,
                         help="place whole experts on ranks instead of splitting every expert")
+    engine.add_argument("--enforce-eager", action="store_true",
+                        help="run every step eagerly: no CUDA graphs for decode steps")
     engine.add_argument("--expert-metrics", action=argparse.BooleanOptionalAction, default=True,
                         help="count token-expert assignments for /metrics (--no-expert-metrics saves a little time)")
     engine.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton"],
