@@ -12,7 +12,9 @@ import torch
 from model.generation_config import load_generation_defaults
 from scheduler.block_manager import BlockManager
 from scheduler.config import EngineConfig
-from scheduler.core_messages import ChoiceDelta, CoreRequestOutput, EngineCoreOutputs, EngineCoreRequest, EngineInfo, FinishChoice
+from scheduler.core_messages import (
+    ChoiceDelta, CoreRequestOutput, EngineCoreOutputs, EngineCoreRequest, EngineInfo, FinishChoice,
+)
 from scheduler.executor_factory import create_executor
 from scheduler.outputs import EngineDeadError, RequestRejected
 from scheduler.request import Request
@@ -132,7 +134,8 @@ class EngineCore:
         """
         if not plan.sample_seqs:
             return None
-        rows = logits[plan.sample_rows]  # [B, V]
+        all_rows = len(plan.sample_rows) == logits.shape[0]  # every row samples, in order (decode steps)
+        rows = logits if all_rows else logits[plan.sample_rows]  # [B, V]
         try:
             return self.sampler.sample(rows, plan.sample_seqs)
         except Exception:

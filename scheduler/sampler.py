@@ -33,7 +33,8 @@ class Sampler:
         states = [seq.sampling for seq in seqs]
         device = logits.device
         raw_logits = logits
-        logits = logits.clone()
+        if any(s.bias_ids is not None or s.min_tokens_ban is not None or s.uses_penalties for s in states):
+            logits = logits.clone()  # the raw logits stay for the logprobs
         _apply_logit_bias(logits, states)
         _ban_stop_tokens_before_min_tokens(logits, seqs)
         _apply_penalties(logits, states)
