@@ -19,10 +19,12 @@ from scheduler.core_messages import (
     request_decoder,
 )
 from scheduler.engine_core import EngineCore
+from scheduler.outputs import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
 ORPHAN_POLL_S = 0.5
+HEALTH_POLL_S = 0.2  # while idle, how often the loop checks that the executor (its tensor-parallel ranks) still lives
 IDLE_RETRY_S = 0.01  # work exists but none could be scheduled: wait this long for inputs before trying again
 LINGER_MS = 5000  # how long closing the output socket may take to deliver what is still queued
 EXIT_OK, EXIT_FAILED, EXIT_ORPHANED = 0, 1, 3
@@ -68,7 +70,7 @@ class EngineLoop:
             self.outbox.put((OUTPUTS, self.core.step()))  # the start-up expert counts, before any traffic
             while not self.stopping:
                 if not self.core.has_unfinished():
-                    self._apply(self.inbox.get())
+                    self._apply(self._next_input())
                 self._apply_pending()
                 if self.stopping:
                     break
@@ -86,6 +88,14 @@ class EngineLoop:
             logger.exception("%s; the engine process exits", reason)
             self.outbox.put((DEAD, EngineDead(reason)))
             return self._finish(EXIT_FAILED)
+
+    def _next_input(self) -> tuple[bytes, object]:
+        while True:
+            try:
+                return self.inbox.get(timeout=HEALTH_POLL_S)
+            except queue.Empty:
+                if not self.core.executor.is_alive:
+                    raise EngineDeadError("the model executor stopped while idle (a tensor-parallel rank is gone)")
 
     def _apply_pending(self) -> None:
         while True:
