@@ -113,6 +113,7 @@ class MultiprocessClient:
         self._output.setsockopt(zmq.RCVHWM, 0)
         self._output.bind(output_address)
         self._send_lock = threading.Lock()
+        self._in_flight: set[str] = set()  # requests sent that the core has not reported finished
         self._shutting_down = False
         self._failure: str | None = None
         spawn = multiprocessing.get_context("spawn")
@@ -136,10 +137,14 @@ class MultiprocessClient:
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self._send(ADD, request)
+        self._in_flight.add(request.request_id)
 
     def finish_choices(self, items: list[FinishChoice]) -> None:
         if items:
             self._send(FINISH, list(items))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._in_flight)
 
     def get_outputs(self) -> EngineCoreOutputs | None:
         exited = False
@@ -147,7 +152,11 @@ class MultiprocessClient:
             if self._output.poll(EXIT_DRAIN_MS if exited else POLL_MS):
                 kind, payload = self._output.recv_multipart()
                 if kind == OUTPUTS:
-                    return outputs_decoder.decode(payload)
+                    outputs = outputs_decoder.decode(payload)
+                    for output in outputs.outputs:
+                        if output.finished:
+                            self._in_flight.discard(output.request_id)
+                    return outputs
                 if kind == DEAD:
                     raise EngineDeadError(self._record_failure(dead_decoder.decode(payload).reason))
             elif exited:

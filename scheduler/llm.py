@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, fields
 
 from model.embedded import EMBEDDED_MODEL_DIR
 from scheduler.config import EngineConfig
-from scheduler.core_client import InprocClient
+from scheduler.core_client import InprocClient, MultiprocessClient
 from scheduler.core_messages import EngineCoreRequest
 from scheduler.output_processor import OutputProcessor
 from scheduler.outputs import RequestOutput, TokenLogprob
@@ -41,14 +41,17 @@ class GenerationResult:
 
 class LLM:
     def __init__(
-        self, model: str = str(EMBEDDED_MODEL_DIR), stats_listener: StatsListener | None = None, **engine_options: object
+        self, model: str = str(EMBEDDED_MODEL_DIR), stats_listener: StatsListener | None = None,
+        engine_process: bool = False, **engine_options: object,
     ) -> None:
+        """``engine_process``: run the engine core in a process of its own (as the server does)."""
         known = {f.name for f in fields(EngineConfig)}
         unknown = sorted(set(engine_options) - known)
         if unknown:
             raise TypeError(f"unknown engine options {unknown}; known: {sorted(known - {'model'})}")
-        self.client = InprocClient(EngineConfig(model=model, **engine_options))
-        self.engine = self.client.core
+        config = EngineConfig(model=model, **engine_options)
+        self.client = MultiprocessClient(config) if engine_process else InprocClient(config)
+        self.engine = self.client.core if isinstance(self.client, InprocClient) else None  # the core, in-process
         self.stats_listener = stats_listener
         self.tokenizer = load_tokenizer(model)
         self.processor = OutputProcessor(self.tokenizer, stats_listener)
@@ -84,6 +87,8 @@ class LLM:
 
     def shutdown(self) -> None:
         self.client.shutdown()
+        if isinstance(self.client, MultiprocessClient):
+            self.client.close()
 
 
 def _accumulate(result: GenerationResult, output: RequestOutput) -> None:
