@@ -19,7 +19,7 @@ OWNED_BY = "dots-serve"
 
 
 def build_app(state: ServerState, on_load_failure: Callable[[], None]) -> FastAPI:
-    """``on_load_failure`` stops the server when the model cannot be loaded."""
+    """``on_load_failure`` stops the server when the model cannot be loaded or the engine has died."""
     created = int(time.time())
 
     @contextlib.asynccontextmanager

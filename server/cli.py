@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="place whole experts on ranks instead of splitting every expert")
     engine.add_argument("--enforce-eager", action="store_true",
                         help="run every step eagerly: no CUDA graphs for decode steps")
+    engine.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the engine core in its own process (--no-engine-process: on a thread of the server, "
+                        "for debugging)")
     engine.add_argument("--expert-metrics", action=argparse.BooleanOptionalAction, default=True,
                         help="count token-expert assignments for /metrics (--no-expert-metrics saves a little time)")
     engine.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton"],
@@ -96,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--api-key", action="append", help=f"accepted API key(s): repeat the flag or separate with "
                       f"commas; also read from ${API_KEY_ENV}; none: no authentication")
     http.add_argument("--max-concurrent-requests", type=int, default=256,
-                      help="generation requests admitted at once; more get 429 with Retry-After")
+                      help="sequences (n x prompts of each generation request) admitted at once; more get 429 "
+                      "with Retry-After")
     http.add_argument("--max-request-body-bytes", type=byte_size, default=8 * 1024 * 1024,
                       help="larger request bodies get 413")
     http.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -173,6 +177,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_request_body_bytes=args.max_request_body_bytes,
         log_prompts=args.log_prompts,
         log_level=args.log_level,
+        engine_process=args.engine_process,
     )
 
 
