@@ -243,7 +243,7 @@ def real_architecture(table: Table, device: str, dry_run: bool, scratch: Path, b
                 seconds = our_decode_step(executor, batch, prompt_len, steps, config["vocab_size"])
                 step_bytes = decode_weight_bytes(executor, batch)
                 share = step_bytes / seconds / bandwidth
-                result = (f"{batch / seconds:.0f} tok/s ({seconds * 1e3:.2f} ms/step); {step_bytes / 1e9:.2f} GB of "
+                result = (f"{batch / seconds:.0f} tok/s ({seconds * 1e3:.2f} ms/step); {step_bytes / 1e9:.3f} GB of "
                           f"weights per step = {step_bytes / seconds / 1e9:.0f} GB/s, {100 * share:.0f}% of copy "
                           f"bandwidth")
                 target = ">= 60% of copy bandwidth" if batch == 1 and quantization == "bf16" else ""
