@@ -176,6 +176,8 @@ class ParallelExecutor:
         self._shard = ModelShard(config, parallel, self.device, self.dtype, config.expert_metrics)
         self.num_kv_blocks = min_over_ranks(self._shard.blocks_that_fit(config), self._control)
         self._shard.allocate_kv_cache(self.num_kv_blocks)
+        self.kv_cache_dtype = self._shard.kv_cache_dtype  # resolved, as on ModelExecutor (rank 0's)
+        self.attention_backend = self._shard.model.attention_backend.name
 
     def _step(self, batch: ForwardBatch) -> torch.Tensor:
         send_step(batch, self._control)
