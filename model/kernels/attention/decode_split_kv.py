@@ -35,7 +35,7 @@ def plan_splits(num_seqs: int, num_heads: int, max_context: int) -> tuple[int, i
     return num_splits, split_tokens
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "split_tokens"])
 def _decode_split_kv_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, context_lens_ptr, partial_out_ptr, partial_lse_ptr,
     output_ptr, scale_log2, k_scale, v_scale, window, split_tokens,

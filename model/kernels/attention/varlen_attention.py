@@ -28,7 +28,7 @@ def tiles_for(max_query_len: int) -> tuple[int, int, int]:
     return (16, 32, 4) if max_query_len <= 16 else (64, 64, 8)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # a new batch size must not recompile
 def _varlen_attention_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, output_ptr,
     scale_log2, k_scale, v_scale, window, num_seqs,
