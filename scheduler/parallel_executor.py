@@ -184,6 +184,8 @@ class ParallelExecutor:
         self._shard = ModelExecutor(config, parallel, self.device, make_graph=make_graph,
                                    agree=lambda value: min_over_ranks(value, self._control))
         self.num_kv_blocks = self._shard.num_kv_blocks
+        self.kv_cache_dtype = self._shard.kv_cache_dtype  # resolved, as on ModelExecutor (rank 0's)
+        self.attention_backend = self._shard.attention_backend
 
     def _step(self, batch: ForwardBatch) -> torch.Tensor:
         send_step(batch, self._control)

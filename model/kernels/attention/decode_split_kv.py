@@ -21,7 +21,8 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
 MIN_SPLIT_TOKENS = 256
 TARGET_PROGRAMS = 1024  # enough (sequence, head, split) programs to fill a large GPU
-BLOCK_N = 64
+BLOCK_N = 32  # with NUM_WARPS, no register spills at head_dim 128 on sm_90 (bench/compile_attention_kernels.py)
+NUM_WARPS = 8
 
 
 def plan_splits(num_seqs: int, num_heads: int, max_context: int) -> tuple[int, int]:
@@ -34,7 +35,7 @@ def plan_splits(num_seqs: int, num_heads: int, max_context: int) -> tuple[int, i
     return num_splits, split_tokens
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "split_tokens"])
 def _decode_split_kv_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, context_lens_ptr, partial_out_ptr, partial_lse_ptr,
     output_ptr, scale_log2, k_scale, v_scale, window, split_tokens,
@@ -112,5 +113,5 @@ def decode_split_kv(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         partial_lse.stride(1), output.stride(0), output.stride(1),
         GROUP=num_heads // key_cache.shape[2], BLOCK_SIZE=key_cache.shape[1], BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), SLIDING=window is not None,
-        DEQUANTIZE=key_cache.dtype == torch.float8_e4m3fn, SINGLE_SPLIT=num_splits == 1,
+        DEQUANTIZE=key_cache.dtype == torch.float8_e4m3fn, SINGLE_SPLIT=num_splits == 1, num_warps=NUM_WARPS,
     )

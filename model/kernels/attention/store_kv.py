@@ -32,7 +32,7 @@ def _round_to_e4m3(x):
     return tl.where(magnitude < 0.015625, subnormal, normal)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # a new batch size must not recompile
 def _store_kv_kernel(
     key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
     k_inv_scale, v_inv_scale, num_tokens,

@@ -20,14 +20,15 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-BLOCK_N = 32
 
 
-def block_m_for(max_query_len: int) -> int:
-    return 16 if max_query_len <= 16 else 64
+def tiles_for(max_query_len: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): the largest tiles that compile for sm_90 at head_dim 128 without spilling
+    registers (bench/compile_attention_kernels.py); small query tiles when every sequence brings few tokens."""
+    return (16, 32, 4) if max_query_len <= 16 else (64, 64, 8)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # a new batch size must not recompile
 def _varlen_attention_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, output_ptr,
     scale_log2, k_scale, v_scale, window, num_seqs,
@@ -113,14 +114,14 @@ def varlen_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     num_seqs = context_lens.shape[0]
     assert query.stride(2) == 1 and output.stride(2) == 1 and block_tables.stride(1) == 1
     assert key_cache.stride(3) == 1 and key_cache.stride() == value_cache.stride()
-    block_m = block_m_for(max_query_len)
+    block_m, block_n, num_warps = tiles_for(max_query_len)
     _varlen_attention_kernel[(num_tokens // block_m + num_seqs, num_heads)](
         query, key_cache, value_cache, block_tables, query_start_loc, context_lens, output,
         scale * LOG2E, float(k_scale), float(v_scale), window or 0, num_seqs,
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0), output.stride(0), output.stride(1),
-        GROUP=num_heads // key_cache.shape[2], BLOCK_SIZE=key_cache.shape[1], BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        GROUP=num_heads // key_cache.shape[2], BLOCK_SIZE=key_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), SLIDING=window is not None,
         DEQUANTIZE=key_cache.dtype == torch.float8_e4m3fn,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps,
     )
