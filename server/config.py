@@ -13,6 +13,7 @@ class ServerConfig:
     max_request_body_bytes: int = 8 * 1024 * 1024
     log_prompts: bool = False
     log_level: str = "info"
+    ui: bool = True  # the chat page at /
     max_n: int = 16
     max_logprobs: int = 20
 
