@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="larger request bodies get 413")
     http.add_argument("--shutdown-timeout", type=float, default=30.0,
                       help="seconds in-flight requests may take to finish after SIGTERM/SIGINT before being aborted")
+    http.add_argument("--ui", action=argparse.BooleanOptionalAction, default=True,
+                      help="serve the chat page at / (--no-ui: the API only)")
     http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     http.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log line")
     return parser
@@ -178,6 +180,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         log_prompts=args.log_prompts,
         log_level=args.log_level,
         engine_process=args.engine_process,
+        ui=args.ui,
     )
 
 

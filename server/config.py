@@ -14,6 +14,7 @@ class ServerConfig:
     log_prompts: bool = False
     log_level: str = "info"
     engine_process: bool = True  # the engine core in its own process; False: on a thread of the server (debugging)
+    ui: bool = True  # the chat page at /
 
     @property
     def model_name(self) -> str:
