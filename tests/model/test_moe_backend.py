@@ -5,6 +5,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is im
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from dots1_reference import build_reference, reference_generate  # noqa: E402
 from paged_runner import PagedRunner  # noqa: E402
 
@@ -103,6 +104,47 @@ def test_group_limited_layer_matches_the_torch_backend(dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item() < tolerance
     assert torch.equal(fused.expert_counts, reference.expert_counts) and fused.expert_counts.sum() == 12 * 4
+
+
+class RecordedOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that read device values back to the host or give data-dependent shapes (bincount syncs on CUDA).
+SYNCING_OPS = {"aten.bincount.default", "aten.nonzero.default", "aten.index.Tensor", "aten.masked_select.default",
+               "aten._local_scalar_dense.default", "aten.unique_dim.default", "aten._unique2.default"}
+
+
+def test_triton_layer_reads_nothing_back_to_the_host(monkeypatch):
+    config = moe_config()
+    layers = {backend: Dots1MoE(config, ParallelState(), torch.float32, count_experts=True, backend=backend)
+              for backend in ("torch", "triton")}
+    x = torch.randn(6, config.hidden_size)
+    recorded = {}
+    for backend, layer in layers.items():
+        with torch.no_grad():
+            for param in layer.parameters():
+                param.normal_()
+        with RecordedOps() as recorder:
+            layer(x)
+        recorded[backend] = recorder.ops
+    assert recorded["torch"] & SYNCING_OPS  # the recorder sees them where they are
+    assert not recorded["triton"] & SYNCING_OPS
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a host read in the triton MoE forward")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    with pytest.raises(AssertionError, match="host read"):
+        layers["torch"](x)  # the torch backend's pair counts come to the host
+    layers["triton"](x)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@
 Every launch is sized from host-known shapes (tokens, top-k, experts, tile config); what depends on routing (pairs
 per expert, the padded total) stays in device tensors the kernels read.
 """
+from functools import cache
+
 import torch
 import triton
 
@@ -10,17 +12,26 @@ from model.kernels.moe.align import moe_align
 from model.kernels.moe.combine import moe_combine_kernel
 from model.kernels.moe.down import moe_down_kernel
 from model.kernels.moe.gate_up import moe_gate_up_kernel
-from model.kernels.moe.tile_config import MoETileConfig, tile_config
+from model.kernels.moe.tile_config import MoETileConfig, fit_stages, tile_config
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 COMBINE_BLOCK_H = 512
-FP32_MAX_STAGES = 2
 
 
 def supports_fp8_compute(device: torch.device) -> bool:
     """float8 x float8 tensor-core matmuls: CUDA compute capability 8.9 (Ada, Hopper) and newer."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@cache
+def shared_memory_per_block(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on ``device`` (no limit that matters for the interpreter)."""
+    if device.type != "cuda":
+        return 1 << 30
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    return limit or triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,8 +82,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     num_pairs = num_tokens * top_k
     sorted_pair_ids, block_expert, padded_total = moe_align(topk_ids, num_local_experts, tiles.block_m, expert_start)
     num_m_blocks = block_expert.numel()
-    # fp32 tiles take twice the shared memory of the 16-bit ones the table is sized for: fewer pipeline stages.
-    num_stages = min(tiles.num_stages, FP32_MAX_STAGES) if x.dtype == torch.float32 else tiles.num_stages
+    activation_bytes = 1 if quantize_activations else x.element_size()
+    num_stages = fit_stages(tiles, activation_bytes, w13.element_size(), shared_memory_per_block(x.device))
     flags = dict(WEIGHT_FP8=weight_fp8, ACT_FP8=quantize_activations, IEEE_FP32=x.dtype == torch.float32,
                  BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
                  num_warps=tiles.num_warps, num_stages=num_stages)
