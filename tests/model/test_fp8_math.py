@@ -67,3 +67,11 @@ def test_a_failing_fast_path_falls_back_with_a_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="model.fp8"):
         assert not fp8._self_check(torch.device("cpu"))
     assert "failed its self-check" in caplog.text and "no kernel image" in caplog.text
+
+
+def test_weight_only_in_bfloat16_scales_the_output_of_the_widened_weight():
+    x = torch.randn(7, 40)
+    quantized, scale = quantize_rows(torch.randn(10, 40) * 1e-3)
+    exact = F.linear(x, dequantize(quantized, scale, torch.float32))
+    actual = weight_only_linear(x.to(torch.bfloat16), quantized, scale).float()
+    assert ((actual - exact).norm() / exact.norm()).item() < 1e-2
