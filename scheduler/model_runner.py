@@ -53,8 +53,8 @@ class ModelExecutor:
         )
         self.attention_backend = self.model.attention_backend.name
         self.weight_dtype, self.weight_bytes = weight_summary(self.model)
-        logger.info("rank %d: weights %s, %.1f MiB on %s", self.parallel.rank, self.weight_dtype,
-                    self.weight_bytes / 2**20, self.device)
+        logger.info("weights: %s, %.1f MiB on %s (rank %d)", self.weight_dtype, self.weight_bytes / 2**20,
+                    self.device, self.parallel.rank)
         make_graph = make_graph or self._cuda_graphs(config)
         graph_reserve = self._graph_memory_estimate(config) if make_graph is not None else 0
         bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, self.kv_cache_dtype,
