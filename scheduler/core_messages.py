@@ -62,6 +62,12 @@ class EngineInfo(msgspec.Struct):
     num_kv_blocks: int
     device: str
     dtype: str
+    weight_dtype: str  # e.g. "float8_e4m3fn+float32" for FP8 weights with their scales
+    weight_bytes: int  # on one rank
+    kv_cache_dtype: str
+    attention_backend: str
+    moe_backend: str
+    cuda_graphs: bool
     sampling_defaults: dict[str, float]
     eos_token_ids: list[int]
 

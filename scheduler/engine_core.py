@@ -47,6 +47,10 @@ class EngineCore:
             vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
             num_kv_blocks=self.num_kv_blocks, device=str(self.device),
             dtype=str(self.executor.dtype).removeprefix("torch."),
+            weight_dtype=self.executor.weight_dtype, weight_bytes=self.executor.weight_bytes,
+            kv_cache_dtype=str(self.executor.kv_cache_dtype).removeprefix("torch."),
+            attention_backend=self.executor.attention_backend, moe_backend=self.executor.moe_backend,
+            cuda_graphs=self.executor.cuda_graphs,
             sampling_defaults={k: float(v) for k, v in self.generation_defaults.sampling.items()},
             eos_token_ids=list(self.generation_defaults.eos_token_ids),
         )

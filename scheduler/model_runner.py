@@ -84,6 +84,15 @@ class ModelExecutor:
             self.graphs = self._capture_graphs(config, make_graph, graph_reserve, agree)
 
     @property
+    def moe_backend(self) -> str:
+        return self.model.moe_backend
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether pure-decode steps replay captured CUDA graphs."""
+        return self.graphs is not None
+
+    @property
     def is_alive(self) -> bool:
         """False once shut down (a tensor-parallel executor is also dead once a rank is)."""
         return self.model is not None

@@ -133,6 +133,15 @@ class ParallelExecutor:
         return self._shard.weight_bytes
 
     @property
+    def moe_backend(self) -> str:
+        return self._shard.moe_backend
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether pure-decode steps replay captured CUDA graphs (on every rank, or on none)."""
+        return self._shard.cuda_graphs
+
+    @property
     def worker_pids(self) -> list[int]:
         return [process.pid for process in self._workers]
 

@@ -62,8 +62,14 @@ class ServerState:
         self.tokenization = Tokenization(engine.tokenizer, renderer, engine.vocab_size)
         self.token_texts = TokenTexts(engine.tokenizer)
         self.engine = engine
-        self.metrics.update_info({"dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
-                                  "num_kv_blocks": str(engine.num_kv_blocks)})
+        info = engine.info
+        self.metrics.update_info({
+            "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
+            "num_kv_blocks": str(engine.num_kv_blocks), "weight_dtype": info.weight_dtype,
+            "weight_bytes": str(info.weight_bytes), "kv_cache_dtype": info.kv_cache_dtype,
+            "attention_backend": info.attention_backend, "moe_backend": info.moe_backend,
+            "cuda_graphs": str(info.cuda_graphs).lower(),
+        })
         logger.info(
             "model %s ready: max_model_len=%d, %d KV blocks", self.config.model_name, engine.max_model_len,
             engine.num_kv_blocks,
