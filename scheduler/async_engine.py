@@ -42,6 +42,7 @@ class AsyncEngine:
         self.num_kv_blocks = self.engine.num_kv_blocks
         self.device = self.engine.device
         self.dtype = self.engine.executor.dtype
+        self.grammar_compiler = self.engine.structured_output.compiler  # the front end compiles (and caches) here
         self._condition = threading.Condition()
         self._inbox: list[_AddRequest | str] = []  # new requests, and ids to abort
         self._streams: dict[str, _Stream] = {}

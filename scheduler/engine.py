@@ -17,6 +17,7 @@ from scheduler.sampling_params import InvalidParameterError, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerOutput
 from scheduler.sequence import Sequence
 from scheduler.stats import RequestStats, StatsListener, StepStats
+from scheduler.structured_output.factory import create_structured_output
 from scheduler.step_plan import StepPlan, plan_step
 from scheduler.tokenizer import load_tokenizer
 
@@ -40,6 +41,10 @@ class LLMEngine:
         self.sampler = Sampler(
             self.generation_defaults.eos_token_ids, torch.Generator(self.device).manual_seed(config.seed)
         )
+        # [structured-output hook 1/6: create] grammar compiler and per-sequence matchers.
+        self.structured_output = create_structured_output(
+            self.tokenizer, self.model_config.vocab_size, self.generation_defaults.eos_token_ids
+        )
         self.stats_listener = stats_listener
         self._requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -61,6 +66,7 @@ class LLMEngine:
             raise InvalidParameterError("prompt", f"prompt token id {outside} is outside the vocabulary (0..{vocab_size - 1})")
         resolved = params.with_defaults(self.generation_defaults.sampling)
         resolved.validate(vocab_size)
+        self.structured_output.check(resolved)  # [structured-output hook 2/6: compile or find cached]
         num_prompt = len(prompt_token_ids)
         completion = resolved.max_tokens if resolved.max_tokens is not None else max(1, self.max_model_len - num_prompt)
         if num_prompt + completion > self.max_model_len:
@@ -153,8 +159,13 @@ class LLMEngine:
                     stats.first_scheduled_time = started
             plan = plan_step(sched.scheduled, self.block_manager.block_size)
             try:
+                masks = self.structured_output.start_filling(plan.sample_seqs)  # [structured-output hook 3/6]
                 logits = self.executor.execute(plan.batch)  # [L, V]
-                sampled = self.sampler.sample(logits[plan.sample_rows], plan.sample_seqs) if plan.sample_seqs else None
+                sampled = None
+                if plan.sample_seqs:
+                    sample_logits = logits[plan.sample_rows]  # [B, V]
+                    self.structured_output.apply(masks, sample_logits)  # [structured-output hook 4/6]
+                    sampled = self.sampler.sample(sample_logits, plan.sample_seqs)
                 self._record_prompt_logprobs(plan, logits)
             except EngineDeadError:  # the executor cannot run again (a tensor-parallel rank is gone)
                 raise
@@ -174,6 +185,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         for request_id in list(self._requests):
             self.abort(request_id)
+        self.structured_output.shutdown()
         self.executor.shutdown()
 
     def _apply_samples(self, seqs: list[Sequence], token_ids: list[int], logprobs: list) -> list[RequestOutput]:
@@ -182,6 +194,8 @@ class LLMEngine:
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
             request = self._requests[seq.request_id]
             delta = request.append_token(seq, token_id, logprob)
+            if self.structured_output.advance(seq, token_id) and delta.finish_reason is None:
+                request.end_choice(seq, delta, "stop")  # [structured-output hook 5/6: the grammar is complete]
             deltas.setdefault(request.request_id, []).append(delta)
             request.stats.generation_tokens += 1
             request.stats.token_times.append(now)
@@ -234,6 +248,7 @@ class LLMEngine:
 
     def _finalize(self, request: Request) -> None:
         del self._requests[request.request_id]
+        self.structured_output.release(request.seqs)  # [structured-output hook 6/6]
         stats = request.stats
         stats.finished_time = time.monotonic()
         stats.finish_reason = next((r for r in ("error", "abort") if r in request.finish_reasons), request.finish_reasons[0])

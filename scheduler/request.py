@@ -57,6 +57,12 @@ class Request:
             self.finish_reasons[seq.index] = delta.finish_reason
         return delta
 
+    def end_choice(self, seq: Sequence, delta: CompletionDelta, reason: str) -> None:
+        """Ends choice ``seq`` after ``delta`` (its last token), releasing the text held back for stop strings."""
+        delta.text += self.detokenizers[seq.index].flush()
+        delta.finish_reason = reason
+        self.finish_reasons[seq.index] = reason
+
     def end_unfinished(self, reason: str) -> list[CompletionDelta]:
         """Ends every choice still going with ``reason`` ("abort" or "error"); their held-back text is dropped."""
         deltas = []
