@@ -1,22 +1,17 @@
 """OpenAI tools on chat: the request's tools and tool_choice (or the legacy functions and function_call), and the
-grammar that makes the model's calls match them.
+constraint that makes the model's calls match them.
 
 A call is ``<tool_call>{"name":NAME,"arguments":{...}}</tool_call>`` (the format of the shipped template).
 ``required`` and named choices allow only calls; ``auto`` allows text that may turn into calls at the tag, after
 which only calls follow; ``parallel_tool_calls: false`` allows one call.
 """
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.structured_output.llguidance_backend import JSON_OPTIONS
-from scheduler.structured_output.spec import StructuredOutputSpec
+from scheduler.structured_output.spec import StructuredOutputSpec, tool_call_value
 from server.errors import invalid_request
 from server.protocol.chat import ChatCompletionRequest
-
-CALL_OPEN = "<tool_call>"
-CALL_CLOSE = "</tool_call>"
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -109,31 +104,10 @@ def read_choice(choice: str | dict[str, Any] | None, tools: list[Tool], param: s
                           '{"type": "function", "function": {"name": ...}}', param=param)
 
 
-def call_schema(tools: list[Tool]) -> dict[str, Any]:
-    """A JSON Schema for one call's ``{"name": ..., "arguments": ...}``, any of ``tools``."""
-    alternatives = [
-        {"type": "object", "properties": {"name": {"const": tool.name}, "arguments": tool.parameters},
-         "required": ["name", "arguments"], "additionalProperties": False}
-        for tool in tools
-    ]
-    schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
-    return {**schema, "x-guidance": JSON_OPTIONS}
-
-
 def tool_call_spec(setup: ToolSetup) -> StructuredOutputSpec | None:
-    """The Lark grammar of the assistant's answer under ``setup``, or None when it is free text."""
+    """The constraint on the assistant's answer under ``setup``, or None when it is free text."""
     if not setup.parses_calls:
         return None
-    one_call = f'"{CALL_OPEN}" call_body "{CALL_CLOSE}"'
-    more_calls = f' ({one_call})*' if setup.parallel else ""
-    if setup.mode == "auto":
-        # Text that never contains the tag, or text up to the tag (lazily: it ends at the first tag), then calls.
-        start = (
-            "start: TEXT | text_then_tag call_body \"" + CALL_CLOSE + "\"" + more_calls + "\n"
-            f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{re.escape(CALL_OPEN)}(.|\\n)*/\n"
-            f"text_then_tag[lazy]: /(.|\\n)*/ \"{CALL_OPEN}\"\n"
-        )
-    else:
-        start = f"start: {one_call}{more_calls}\n"
-    grammar = "%llguidance {}\n" + start + "call_body: %json " + json.dumps(call_schema(setup.allowed)) + "\n"
-    return StructuredOutputSpec("lark", grammar)
+    mode = "auto" if setup.mode == "auto" else "required"
+    tools = [(tool.name, tool.parameters) for tool in setup.allowed]
+    return StructuredOutputSpec("tool_calls", tool_call_value(mode, setup.parallel, tools))

@@ -8,7 +8,7 @@ import llguidance.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from scheduler.structured_output.spec import InvalidConstraintError, StructuredOutputSpec
+from scheduler.structured_output.spec import CALL_CLOSE, CALL_OPEN, InvalidConstraintError, StructuredOutputSpec
 
 # Compact JSON: no whitespace between tokens, so max_tokens goes to content.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -94,7 +94,35 @@ class LLGuidanceBackend:
             return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
         if spec.kind == "lark":
             return llguidance.LLMatcher.grammar_from_lark(spec.value)
+        if spec.kind == "tool_calls":
+            try:
+                grammar = tool_call_grammar(json.loads(spec.value))
+            except (ValueError, KeyError, TypeError) as error:
+                raise InvalidConstraintError(f"malformed tool_calls constraint: {error!r}") from None
+            return llguidance.LLMatcher.grammar_from_lark(grammar)
         raise InvalidConstraintError(f"unknown constraint kind {spec.kind!r}")
+
+
+def tool_call_grammar(constraint: dict) -> str:
+    """Lark for tool calls: each call's JSON matches one tool's ``{"name", "arguments"}`` schema. In "auto" mode the
+    answer is text that never contains the tag, or text lazily up to the first tag and then only calls."""
+    alternatives = [
+        {"type": "object", "properties": {"name": {"const": tool["name"]}, "arguments": tool["parameters"]},
+         "required": ["name", "arguments"], "additionalProperties": False}
+        for tool in constraint["tools"]
+    ]
+    call_schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
+    close = json.dumps(CALL_CLOSE)
+    more_calls = f" ({json.dumps(CALL_OPEN)} call_body {close})*" if constraint["parallel"] else ""
+    if constraint["mode"] == "auto":
+        start = (
+            f"start: TEXT | text_then_tag call_body {close}{more_calls}\n"
+            f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{CALL_OPEN}(.|\\n)*/\n"
+            f"text_then_tag[lazy]: /(.|\\n)*/ {json.dumps(CALL_OPEN)}\n"
+        )
+    else:
+        start = f"start: {json.dumps(CALL_OPEN)} call_body {close}{more_calls}\n"
+    return "%llguidance {}\n" + start + "call_body: %json " + json.dumps({**call_schema, "x-guidance": JSON_OPTIONS})
 
 
 def _first_line(message: str) -> str:

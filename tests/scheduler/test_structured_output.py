@@ -77,6 +77,7 @@ def test_the_compile_cache_returns_one_grammar_per_constraint_and_caches_failure
     (StructuredOutputSpec("json_schema", "{not json"), "not valid JSON"),
     (StructuredOutputSpec("regex", "[a-"), "regex"),
     (StructuredOutputSpec("lark", "start: undefined_rule"), "undefined_rule"),
+    (StructuredOutputSpec("tool_calls", "{}"), "malformed tool_calls"),
 ])
 def test_an_invalid_constraint_is_rejected_before_it_runs(llm: LLM, spec: StructuredOutputSpec, message: str) -> None:
     with pytest.raises(InvalidParameterError, match=message) as error:
