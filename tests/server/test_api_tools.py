@@ -162,6 +162,12 @@ def test_legacy_functions_map_onto_tools(http: httpx.Client) -> None:
             streamed["arguments"] += delta["arguments"]
     assert streamed == call
     assert events[-2]["choices"][0]["finish_reason"] == "function_call"
+    follow_up = [*ASK, {"role": "assistant", "content": None, "function_call": call},
+                 {"role": "function", "name": call["name"], "content": "sunny"}]
+    tokens = http.post("/tokenize", json={"model": MODEL, "messages": follow_up}).json()["tokens"]
+    prompt = http.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json()["prompt"]
+    assert f'{{"name":"get_weather","arguments":{call["arguments"]}}}</tool_call>' in prompt
+    assert "<tool_response>sunny</tool_response>" in prompt
 
 
 BAD = {
