@@ -41,7 +41,7 @@ class LLMEngine:
         self.sampler = Sampler(
             self.generation_defaults.eos_token_ids, torch.Generator(self.device).manual_seed(config.seed)
         )
-        # [structured-output hook 1/6: create] grammar compiler and per-sequence matchers.
+        # [structured-output hook 1/7: create] grammar compiler and per-sequence matchers.
         self.structured_output = create_structured_output(
             self.tokenizer, self.model_config.vocab_size, self.generation_defaults.eos_token_ids
         )
@@ -66,7 +66,7 @@ class LLMEngine:
             raise InvalidParameterError("prompt", f"prompt token id {outside} is outside the vocabulary (0..{vocab_size - 1})")
         resolved = params.with_defaults(self.generation_defaults.sampling)
         resolved.validate(vocab_size)
-        self.structured_output.check(resolved)  # [structured-output hook 2/6: compile or find cached]
+        self.structured_output.check(resolved)  # [structured-output hook 2/7: compile or find cached]
         num_prompt = len(prompt_token_ids)
         completion = resolved.max_tokens if resolved.max_tokens is not None else max(1, self.max_model_len - num_prompt)
         if num_prompt + completion > self.max_model_len:
@@ -159,12 +159,13 @@ class LLMEngine:
                     stats.first_scheduled_time = started
             plan = plan_step(sched.scheduled, self.block_manager.block_size)
             try:
-                masks = self.structured_output.start_filling(plan.sample_seqs)  # [structured-output hook 3/6]
+                # [structured-output hook 3/7: fill masks] in a worker thread while the forward runs.
+                masks = self.structured_output.start_filling(plan.sample_seqs)
                 logits = self.executor.execute(plan.batch)  # [L, V]
                 sampled = None
                 if plan.sample_seqs:
                     sample_logits = logits[plan.sample_rows]  # [B, V]
-                    self.structured_output.apply(masks, sample_logits)  # [structured-output hook 4/6]
+                    self.structured_output.apply(masks, sample_logits)  # [structured-output hook 4/7: apply masks]
                     sampled = self.sampler.sample(sample_logits, plan.sample_seqs)
                 self._record_prompt_logprobs(plan, logits)
             except EngineDeadError:  # the executor cannot run again (a tensor-parallel rank is gone)
@@ -185,7 +186,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         for request_id in list(self._requests):
             self.abort(request_id)
-        self.structured_output.shutdown()
+        self.structured_output.shutdown()  # [structured-output hook 7/7]
         self.executor.shutdown()
 
     def _apply_samples(self, seqs: list[Sequence], token_ids: list[int], logprobs: list) -> list[RequestOutput]:
@@ -194,8 +195,9 @@ class LLMEngine:
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
             request = self._requests[seq.request_id]
             delta = request.append_token(seq, token_id, logprob)
+            # [structured-output hook 5/7: advance] and end the choice when its grammar is complete.
             if self.structured_output.advance(seq, token_id) and delta.finish_reason is None:
-                request.end_choice(seq, delta, "stop")  # [structured-output hook 5/6: the grammar is complete]
+                request.end_choice(seq, delta, "stop")
             deltas.setdefault(request.request_id, []).append(delta)
             request.stats.generation_tokens += 1
             request.stats.token_times.append(now)
@@ -248,7 +250,7 @@ class LLMEngine:
 
     def _finalize(self, request: Request) -> None:
         del self._requests[request.request_id]
-        self.structured_output.release(request.seqs)  # [structured-output hook 6/6]
+        self.structured_output.release(request.seqs)  # [structured-output hook 6/7: release]
         stats = request.stats
         stats.finished_time = time.monotonic()
         stats.finish_reason = next((r for r in ("error", "abort") if r in request.finish_reasons), request.finish_reasons[0])
