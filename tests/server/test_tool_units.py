@@ -123,3 +123,11 @@ def test_required_calls_match_a_tool_and_one_call_is_the_most_without_parallel(t
     parallel, _ = grammar_for(tokenizer, tool_choice="required")
     matcher = parallel.new_matcher()
     assert consume_text(matcher, tokenizer, one + one) and not matcher.is_finished()
+
+
+def test_a_template_that_handles_tools_itself_is_kept(tokenizer) -> None:
+    own = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+           "{% if tools %}(tools: {{ tools | map(attribute='function.name') | join(',') }}){% endif %}")
+    renderer = ChatRenderer(tokenizer, own)
+    assert renderer.tool_template == own
+    assert renderer.render(messages({"role": "user", "content": "x"}), False, False, tools=TOOLS) == "[user]x(tools: add)"
