@@ -106,7 +106,8 @@ def main() -> None:
         llm = LLM(str(model_dir), dtype="float32", device=args.device, expert_metrics=False,
                   max_num_seqs=2 * args.requests)
         rng = random.Random(0)
-        prompts = [[rng.randrange(PROMPT_TOKEN_LIMIT) for _ in range(rng.randint(16, 64))] for _ in range(args.requests)]
+        prompts = [[rng.randrange(PROMPT_TOKEN_LIMIT) for _ in range(rng.randint(16, 64))]
+                   for _ in range(args.requests)]
         spec = StructuredOutputSpec("json_schema", json.dumps(UNBOUNDED))
 
         def params(constraint: StructuredOutputSpec | None) -> list[SamplingParams]:

@@ -63,8 +63,8 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
             await compile_or_400(engine.grammar_compiler, spec, param)
             return spec
         for tool in tools.allowed:  # each on its own first, so that an error names the tool
-            await compile_or_400(engine.grammar_compiler, StructuredOutputSpec("json_schema", json.dumps(tool.parameters)),
-                                 tool.param)
+            parameters = StructuredOutputSpec("json_schema", json.dumps(tool.parameters))
+            await compile_or_400(engine.grammar_compiler, parameters, tool.param)
         await compile_or_400(engine.grammar_compiler, tool_spec, "tools")
         return tool_spec
 

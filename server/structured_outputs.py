@@ -31,7 +31,8 @@ def response_format_spec(response_format: dict[str, Any] | None) -> StructuredOu
         )
     json_schema = response_format.get("json_schema")
     if not isinstance(json_schema, dict):
-        raise invalid_request("response_format json_schema needs a 'json_schema' object", param="response_format.json_schema")
+        raise invalid_request("response_format json_schema needs a 'json_schema' object",
+                              param="response_format.json_schema")
     name = json_schema.get("name")
     if not isinstance(name, str) or not name:
         raise invalid_request("response_format json_schema needs a 'name'", param="response_format.json_schema.name")

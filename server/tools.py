@@ -12,6 +12,7 @@ from typing import Any
 from scheduler.structured_output.spec import StructuredOutputSpec, tool_call_value
 from server.errors import invalid_request
 from server.protocol.chat import ChatCompletionRequest
+
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 

@@ -102,13 +102,11 @@ def test_streamed_content_assembles_to_the_same_json(http: httpx.Client) -> None
 
 def test_json_object_answers_are_objects(http: httpx.Client) -> None:
     payload = post(http, max_tokens=40, temperature=1.0, seed=3, n=4, response_format={"type": "json_object"})
-    finished = 0
     for choice in payload["choices"]:
         content = choice["message"]["content"]
         assert content.startswith("{")
         if choice["finish_reason"] == "stop":  # an unbounded object may run out of max_tokens
             assert isinstance(json.loads(content), dict)
-            finished += 1
         else:
             assert choice["finish_reason"] == "length"
     text = post(http, max_tokens=8, temperature=1.0, seed=3, response_format={"type": "text"})
@@ -204,7 +202,8 @@ def test_a_constrained_request_leaves_its_unconstrained_neighbours_unchanged(htt
     def run(body: dict) -> dict:
         return post(http, **body)
 
-    constrained = {"max_tokens": 200, "temperature": 1.0, "response_format": json_schema_format(SCHEMAS["nested objects"])}
+    constrained = {"max_tokens": 200, "temperature": 1.0,
+                   "response_format": json_schema_format(SCHEMAS["nested objects"])}
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(run, [plain, {**constrained, "seed": 1}, plain, {**constrained, "seed": 2}, plain]))
     for result in results[0::2]:

@@ -181,8 +181,8 @@ BAD = {
         "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integr"}}}}}]},
         "tools[0].function.parameters"),
     "tools and functions": ({"tools": TOOLS, "functions": [TOOLS[0]["function"]]}, "functions"),
-    "tools with a json_schema": ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
-                                 "response_format"),
+    "tools with a json_schema": ({"tools": TOOLS, "tool_choice": "required",
+                                  "response_format": {"type": "json_object"}}, "response_format"),
     "tool message without id": ({"messages": [*ASK, {"role": "tool", "content": "1"}]}, "messages[1]"),
 }
 

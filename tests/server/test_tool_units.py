@@ -130,4 +130,5 @@ def test_a_template_that_handles_tools_itself_is_kept(tokenizer) -> None:
            "{% if tools %}(tools: {{ tools | map(attribute='function.name') | join(',') }}){% endif %}")
     renderer = ChatRenderer(tokenizer, own)
     assert renderer.tool_template == own
-    assert renderer.render(messages({"role": "user", "content": "x"}), False, False, tools=TOOLS) == "[user]x(tools: add)"
+    rendered = renderer.render(messages({"role": "user", "content": "x"}), False, False, tools=TOOLS)
+    assert rendered == "[user]x(tools: add)"
