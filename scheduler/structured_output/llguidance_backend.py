@@ -13,6 +13,10 @@ from scheduler.structured_output.spec import CALL_CLOSE, CALL_OPEN, InvalidConst
 # Compact JSON: no whitespace between tokens, so max_tokens goes to content.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 ANY_JSON_OBJECT = '{"type": "object"}'
+# llguidance's own thread pool pays off for many masks on a machine with cores to spare; on a small or busy CPU,
+# waking its threads costs more than filling the masks one after the other (in the engine's mask worker thread).
+PARALLEL_MIN_CPUS = 8
+PARALLEL_MIN_ROWS = 8
 MAX_MASK_THREADS = 4
 
 
@@ -55,7 +59,10 @@ class LLGuidanceBackend:
         allowed."""
         self.vocab_size = vocab_size
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
-        self.executor = llguidance.LLExecutor(num_threads=max(1, min(MAX_MASK_THREADS, os.cpu_count() or 1)))
+        cpus = os.cpu_count() or 1
+        self.executor = None
+        if cpus >= PARALLEL_MIN_CPUS:
+            self.executor = llguidance.LLExecutor(num_threads=min(MAX_MASK_THREADS, cpus))
 
     def compile(self, spec: StructuredOutputSpec) -> LLGuidanceGrammar:
         grammar = self._grammar_text(spec)
@@ -68,8 +75,12 @@ class LLGuidanceBackend:
         return LLGuidanceGrammar(template)
 
     def fill_masks(self, matchers: list[LLGuidanceMatcher], bitmask: torch.Tensor) -> None:
-        pairs = [(matcher.matcher, row) for row, matcher in enumerate(matchers)]
-        llguidance.torch.fill_next_token_bitmask_par(self.executor, pairs, bitmask)
+        if self.executor is not None and len(matchers) >= PARALLEL_MIN_ROWS:
+            pairs = [(matcher.matcher, row) for row, matcher in enumerate(matchers)]
+            llguidance.torch.fill_next_token_bitmask_par(self.executor, pairs, bitmask)
+            return
+        for row, matcher in enumerate(matchers):
+            llguidance.torch.fill_next_token_bitmask(matcher.matcher, bitmask, row)
 
     def _grammar_text(self, spec: StructuredOutputSpec) -> str:
         if spec.kind == "json_schema":

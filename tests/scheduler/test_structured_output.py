@@ -4,13 +4,15 @@ import json
 import re
 
 import jsonschema
+import llguidance
 import pytest
 import torch
 from conftest import assert_pool_free, make_llm, random_prompts
 
 from scheduler.llm import LLM, Completion
 from scheduler.sampling_params import InvalidParameterError, SamplingParams
-from scheduler.structured_output.backend import apply_bitmask
+from scheduler.structured_output.backend import apply_bitmask, bitmask_words
+from scheduler.structured_output.llguidance_backend import PARALLEL_MIN_ROWS, LLGuidanceBackend
 from scheduler.structured_output.spec import InvalidConstraintError, StructuredOutputSpec
 
 PERSON = {
@@ -56,6 +58,21 @@ def test_apply_bitmask_keeps_exactly_the_allowed_tokens() -> None:
     expected = torch.where(allowed, logits, torch.tensor(float("-inf")))
     apply_bitmask(logits, bitmask)
     assert torch.equal(logits, expected)
+
+
+def test_parallel_and_one_by_one_mask_filling_agree(llm: LLM) -> None:
+    backend = LLGuidanceBackend(llm.tokenizer, llm.engine.model_config.vocab_size, [4095, 4089])
+    grammar = backend.compile(schema_spec(PERSON))
+    matchers = [grammar.new_matcher() for _ in range(PARALLEL_MIN_ROWS)]
+    for index, matcher in enumerate(matchers):  # each at a different point of the grammar
+        for token in llm.tokenizer.encode('{"name":"ab' + "c" * (index % 3) + '","age":1' + "2" * (index % 2)):
+            assert matcher.consume(token)
+    masks = {}
+    for executor in (None, llguidance.LLExecutor(num_threads=2)):
+        backend.executor = executor
+        masks[executor is None] = torch.zeros(len(matchers), bitmask_words(backend.vocab_size), dtype=torch.int32)
+        backend.fill_masks(matchers, masks[executor is None])
+    assert torch.equal(masks[True], masks[False]) and masks[True].any()
 
 
 def test_the_compile_cache_returns_one_grammar_per_constraint_and_caches_failures(llm: LLM) -> None:
