@@ -27,6 +27,7 @@ system-deps:
 	bash scripts/install-system-deps.sh
 
 serve: install
+	@echo "Chat page: http://127.0.0.1:8000/ once the model has loaded (or the 'Chat page:' URL logged below)"
 	$(VENV)/bin/dots-serve $(ARGS)
 
 test: install-test system-deps

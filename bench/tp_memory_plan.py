@@ -55,7 +55,8 @@ def main() -> None:
     parallel = StandInGroup(rank=0, world_size=world_size, expert_parallel=preset.get("enable_expert_parallel", False))
 
     start = time.perf_counter()
-    model = load_model(args.model, dtype=dtype, device=device, load_format="dummy", parallel=parallel)
+    model = load_model(args.model, dtype=dtype, device=device, load_format="dummy", parallel=parallel,
+                       quantization=preset.get("quantization"))
     weights = allocated(device)
     bytes_per_block = kv_cache_bytes_per_block(config, block_size, dtype, parallel)
     num_blocks = byte_size(preset["kv_cache_memory"]) // bytes_per_block

@@ -2,10 +2,10 @@
 import torch
 from torch import nn
 
+from model.attention_backend import AttentionStep
 from model.config import ModelConfig
 from model.linear import ColumnParallelLinear, RowParallelLinear
 from model.norm import RMSNorm
-from model.paged_attention import AttentionMetadata, paged_attention, store_kv
 from model.parallel import ParallelState
 from model.rope import apply_rotary
 from model.weights import WeightTarget
@@ -20,6 +20,9 @@ class Dots1Attention(nn.Module):
         first_kv_head, self.num_kv_heads = parallel.shard_heads(config.num_key_value_heads, "num_key_value_heads")
         self.scale = head_dim ** -0.5
         self.window = config.window_of_layer(layer_id)
+        # FP8 KV cache scales (the cache stores x / scale); a loader may set them from the checkpoint.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         q_shard = (first_head * head_dim, self.num_heads * head_dim)
         kv_shard = (first_kv_head * head_dim, self.num_kv_heads * head_dim)
         self.qkv_proj = ColumnParallelLinear(
@@ -35,7 +38,7 @@ class Dots1Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
-                value_cache: torch.Tensor, slot_mapping: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+                value_cache: torch.Tensor, attention: AttentionStep) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         query, key, value = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
@@ -44,8 +47,7 @@ class Dots1Attention(nn.Module):
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         query = apply_rotary(query, cos, sin)
         key = apply_rotary(key, cos, sin)
-        store_kv(key, value, key_cache, value_cache, slot_mapping)
-        out = paged_attention(query, key, value, key_cache, value_cache, metadata, self.scale, self.window)
+        out = attention(self, query, key, value, key_cache, value_cache)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, q_size))
 
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:

@@ -13,6 +13,7 @@ INDEX_FILE = "model.safetensors.index.json"
 class TensorEntry:
     file: Path
     shape: tuple[int, ...]
+    dtype: str = "F32"  # the safetensors dtype name: F32, BF16, F16, F8_E4M3, ...
 
 
 def read_checkpoint_headers(model_dir: Path) -> dict[str, TensorEntry]:
@@ -55,6 +56,7 @@ def _read_weight_map(index: Path) -> dict[str, str]:
 def _read_header(path: Path) -> dict[str, TensorEntry]:
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
-            return {key: TensorEntry(path, tuple(handle.get_slice(key).get_shape())) for key in handle.keys()}
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            return {key: TensorEntry(path, tuple(part.get_shape()), part.get_dtype()) for key, part in slices.items()}
     except Exception as e:  # safetensors raises its own error types (and OSError) for unreadable headers
         raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e})") from e

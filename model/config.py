@@ -4,11 +4,15 @@ Every option Transformers' ``Dots1Config`` has is honoured; an option or value t
 with a ValueError that names it, so a checkpoint never runs with a silently different architecture.
 """
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model.quantization import Fp8Scheme, parse_quantization_config
 from model.rope_config import RopeConfig, parse_rope_config
+
+logger = logging.getLogger(__name__)
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -28,6 +32,9 @@ _METADATA_KEYS = frozenset({
     "cross_attention_hidden_size",
     "pruned_heads", "auto_map", "use_sliding_window",
 })
+# Keys published dots.llm1 configs carry that Transformers' Dots1 ignores; each is accepted with an info line.
+_IGNORED_BY_DOTS1 = {"pretraining_tp": "Transformers' Dots1 does not split its matmuls by it"}
+_LOGGED: set[str] = set()
 _ROPE_KEYS = frozenset({"rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
                         "original_max_position_embeddings"})
 
@@ -58,6 +65,7 @@ class ModelConfig:
     norm_topk_prob: bool
     routed_scaling_factor: float
     tie_word_embeddings: bool
+    quantization: Fp8Scheme | None = None  # how the checkpoint's weights are quantized (quantization_config)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -88,8 +96,9 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if model_type != "dots1":
             raise ValueError(f"unsupported model_type {model_type!r}: this engine runs 'dots1' (Dots1ForCausalLM)")
+        raw = _normalise_revisions(raw)
         _refuse_unsupported_values(raw)
-        known = {f for f in cls.__dataclass_fields__} | _METADATA_KEYS | _ROPE_KEYS
+        known = ({f for f in cls.__dataclass_fields__} - {"quantization"}) | _METADATA_KEYS | _ROPE_KEYS
         known |= {"hidden_act", "moe_layer_freq", "scoring_func", "topk_method", "quantization_config"}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -109,6 +118,7 @@ class ModelConfig:
                 for i in range(num_layers)
             ]
         max_position_embeddings = int(raw.get("max_position_embeddings", 2048))
+        _check_use_sliding_window(raw, layer_types)
         return cls(
             vocab_size=int(raw.get("vocab_size", 152064)),
             hidden_size=hidden_size,
@@ -134,6 +144,7 @@ class ModelConfig:
             norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
             routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            quantization=parse_quantization_config(raw.get("quantization_config")),
         )
 
     def is_moe_layer(self, layer_id: int) -> bool:
@@ -198,6 +209,54 @@ class ModelConfig:
                              f"topk_group ({self.topk_group}) selected groups")
 
 
+def _normalise_revisions(raw: dict[str, Any]) -> dict[str, Any]:
+    """The current spelling of every published dots.llm1 config revision; what changes nothing is dropped.
+
+    The first uploads named the router ``"scoring_func": "noaux_tc"`` (later ``"topk_method": "noaux_tc"`` with
+    ``"scoring_func": "sigmoid"``) and carried keys Transformers' Dots1 ignores; older quantized checkpoints name
+    ``quantization_config`` ``compression_config``.
+    """
+    raw = dict(raw)
+    if raw.get("scoring_func") == "noaux_tc":
+        if raw.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise ValueError(f"scoring_func 'noaux_tc' (the first upload's name of topk_method 'noaux_tc') "
+                             f"contradicts topk_method {raw['topk_method']!r}")
+        _info("scoring_func 'noaux_tc' is the first dots.llm1 upload's spelling of topk_method 'noaux_tc' with "
+              "sigmoid scores; reading it so")
+        raw["scoring_func"], raw["topk_method"] = "sigmoid", "noaux_tc"
+    if "compression_config" in raw:
+        if raw.get("quantization_config") not in (None, raw["compression_config"]):
+            raise ValueError("both compression_config and quantization_config are given, and they differ")
+        _info("compression_config is the older name of quantization_config; reading it so")
+        raw["quantization_config"] = raw.pop("compression_config")
+    for key, why in _IGNORED_BY_DOTS1.items():
+        if key in raw:
+            _info(f"ignoring {key}={raw.pop(key)!r}: {why}")
+    if raw.get("moe_layer_freq", 1) == 1 and "moe_layer_freq" in raw:
+        _info("moe_layer_freq 1: every layer from first_k_dense_replace on is MoE, as Dots1 builds it")
+    return raw
+
+
+def _check_use_sliding_window(raw: dict[str, Any], layer_types: list[str]) -> None:
+    """use_sliding_window is ignored by Transformers' Dots1 (windows follow sliding_window and layer_types); it is
+    accepted where it agrees with them and refused where reading it would change which layers slide."""
+    if "use_sliding_window" not in raw:
+        return
+    use = raw["use_sliding_window"]
+    slides = SLIDING_ATTENTION in layer_types
+    if bool(use) != slides:
+        raise ValueError(f"use_sliding_window {use!r} contradicts sliding_window/max_window_layers/layer_types, "
+                         f"which give {'some' if slides else 'no'} sliding layers")
+    _info(f"use_sliding_window {use!r} agrees with sliding_window and layer_types (which Dots1 follows)")
+
+
+def _info(message: str) -> None:
+    """Logs ``message`` once per process (config.json is read by the executor and by the loader)."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.info("config.json: %s", message)
+
+
 def _refuse_unsupported_values(raw: dict[str, Any]) -> None:
     if raw.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported (only 'silu')")
@@ -208,5 +267,3 @@ def _refuse_unsupported_values(raw: dict[str, Any]) -> None:
     if raw.get("moe_layer_freq", 1) != 1:
         raise ValueError(f"moe_layer_freq {raw['moe_layer_freq']!r} is not supported (Dots1 uses 1: every layer "
                          "after first_k_dense_replace is MoE)")
-    if raw.get("quantization_config") is not None:
-        raise ValueError("quantization_config is not supported: this engine loads unquantized weights")

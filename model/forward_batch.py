@@ -17,10 +17,13 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64, each token's position in its own sequence
     query_start_loc: torch.Tensor  # [B + 1] int32, cumulative offsets of each sequence's new tokens
     context_lens: torch.Tensor  # [B] int32, tokens in the sequence's context once this step's tokens are written
-    block_tables: torch.Tensor  # [B, max_blocks] int32, the sequence's KV blocks in order; unused entries are 0
+    block_tables: torch.Tensor  # [B, W] int32, the sequence's KV blocks in order; entries past them hold any
+    #   valid block id (0 from ``build``) and are never read
     slot_mapping: torch.Tensor  # [T] int64, block_id * block_size + offset where each new token's K/V is written
     logits_indices: torch.Tensor  # [L] int64, flat token indices whose logits are returned, in this order
-    # Host-side copies, so the CPU attention path and the scheduler never sync on a device tensor.
+    # Host-side copies, so the CPU attention path and the scheduler never sync on a device tensor. In a batch
+    # captured for graph replay, context_lens_cpu holds the bound max_model_len for every row: the real lengths
+    # change from replay to replay and live only in context_lens.
     query_lens_cpu: list[int]
     context_lens_cpu: list[int]
 
@@ -59,33 +62,37 @@ class ForwardBatch:
     ) -> "ForwardBatch":
         """Builds a batch from per-sequence new tokens, cached-prefix lengths and block tables.
 
-        By default logits are requested for the last new token of each sequence.
+        By default logits are requested for the last new token of each sequence. Positions and slots come from a
+        few tensor ops over the whole batch, not a Python loop over its tokens.
         """
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        context_lens: list[int] = []
-        for tokens, cached, table in zip(token_ids, num_cached, block_tables, strict=True):
-            for offset, token in enumerate(tokens):
-                pos = cached + offset
-                input_ids.append(token)
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-            starts.append(starts[-1] + len(tokens))
-            context_lens.append(cached + len(tokens))
-        if logits_indices is None:
-            logits_indices = [end - 1 for end in starts[1:]]
+        query_lens = [len(tokens) for tokens in token_ids]
+        if not len(query_lens) == len(num_cached) == len(block_tables):
+            raise ValueError("token_ids, num_cached and block_tables must have one entry per sequence")
+        context_lens = [cached + query_len for cached, query_len in zip(num_cached, query_lens)]
+        if any(context_len > len(table) * block_size for context_len, table in zip(context_lens, block_tables)):
+            raise ValueError("a sequence's block table does not cover its context")
         width = max((len(t) for t in block_tables), default=0)
-        padded_tables = [t + [0] * (width - len(t)) for t in block_tables]
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        tables = tables.reshape(len(block_tables), width)  # [B, W]
+        lens = torch.tensor(query_lens, dtype=torch.int64)  # [B]
+        starts = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=starts[1:])  # [B + 1]
+        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), lens)  # [T]
+        positions = (torch.arange(int(starts[-1])) - starts[seq_of_token]
+                     + torch.tensor(num_cached, dtype=torch.int64)[seq_of_token])  # [T]
+        blocks = tables[seq_of_token, positions // block_size].long()  # [T]
+        if logits_indices is None:
+            logits = starts[1:] - 1
+        else:
+            logits = torch.tensor(logits_indices, dtype=torch.int64)
         return ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            input_ids=torch.tensor([token for tokens in token_ids for token in tokens], dtype=torch.int64),
+            positions=positions,
+            query_start_loc=starts.to(torch.int32),
             context_lens=torch.tensor(context_lens, dtype=torch.int32),
-            block_tables=torch.tensor(padded_tables, dtype=torch.int32).reshape(len(block_tables), width),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
-            query_lens_cpu=[len(t) for t in token_ids],
+            block_tables=tables,
+            slot_mapping=blocks * block_size + positions % block_size,
+            logits_indices=logits,
+            query_lens_cpu=query_lens,
             context_lens_cpu=context_lens,
         )

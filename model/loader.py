@@ -4,6 +4,7 @@ The whole checkpoint is validated from its headers (missing, extra and mis-shape
 so a bad checkpoint fails in seconds with the file and key named; an error while reading propagates and no model is
 returned.
 """
+import logging
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -12,30 +13,56 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from model.attention_backend import ATTENTION_BACKENDS, resolve_attention_backend
 from model.checkpoint import TensorEntry, read_checkpoint_headers
 from model.config import ModelConfig
 from model.dots1 import Dots1ForCausalLM
-from model.linear import can_pack_weights
+from model.fp8 import FP8_DTYPE
+from model.fp8_storage import deferred_projection_weights
+from model.linear import QuantizableProjection, can_pack_weights
+from model.moe import RoutedExperts
+from model.moe_backend import resolve_moe_backend
 from model.parallel import ParallelState
-from model.weights import CheckpointTensor, WeightTarget
+from model.quantization import QUANTIZATION_METHODS, Fp8Scheme, online_fp8_scheme
+from model.weights import FLOAT8, SCALE, CheckpointTensor, WeightTarget
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 # Buffers some exporters write that the model recomputes.
 _IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$")
 _DUMMY_SEED = 0
+logger = logging.getLogger(__name__)
 _DUMMY_STD = 0.02
 
 
 def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device | str, load_format: str = "auto",
-               parallel: ParallelState | None = None, expert_metrics: bool = False) -> Dots1ForCausalLM:
-    """The model described by ``model_dir``/config.json, with its checkpoint's weights (or random ones: "dummy")."""
+               parallel: ParallelState | None = None, expert_metrics: bool = False,
+               quantization: str | None = None, moe_backend: str = "auto", attention_backend: str = "auto",
+               kv_cache_dtype: torch.dtype | None = None) -> Dots1ForCausalLM:
+    """The model described by ``model_dir``/config.json, with its checkpoint's weights (or random ones: "dummy").
+
+    Weights are FP8 where the checkpoint's quantization_config says so, or (``quantization="fp8"``) quantized while
+    they stream in from a high-precision checkpoint. ``moe_backend`` (auto, torch, triton) picks the routed experts'
+    implementation; see ``model.moe_backend``. ``attention_backend`` (auto, torch, triton) is resolved here, on
+    ``device``, for a cache of ``kv_cache_dtype`` (default: ``dtype``); see
+    ``model.attention_backend.resolve_attention_backend``.
+    """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
     model_dir = Path(model_dir)
     config = ModelConfig.from_pretrained(model_dir)
+    scheme = weight_scheme(config, quantization)
     entries = None if load_format == "dummy" else read_checkpoint_headers(model_dir)
-    with torch.device(device):
-        model = Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype)
+    moe_backend = resolve_moe_backend(moe_backend, device, dtype, fp8=scheme is not None,
+                                      has_moe_layers=bool(config.moe_layer_ids))
+    model = build_model(config, scheme, dtype=dtype, device=device, parallel=parallel, expert_metrics=expert_metrics,
+                        moe_backend=moe_backend)
+    attention = model.layers[0].self_attn
+    windows = tuple(sorted({layer.self_attn.window for layer in model.layers}, key=lambda w: w or 0))
+    model.attention_backend = resolve_attention_backend(attention_backend, device, dtype, kv_cache_dtype,
+                                                        attention.head_dim,
+                                                        attention.num_heads // attention.num_kv_heads, windows)
     if entries is None:
         initialize_dummy_weights(model)
     else:
@@ -43,6 +70,64 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
     if can_pack_weights(torch.device(device)):
         model.pack_weights_for_cpu()
     return model.eval()
+
+
+def weight_scheme(config: ModelConfig, quantization: str | None) -> Fp8Scheme | None:
+    """The checkpoint's FP8 scheme, else the one ``quantization`` asks for (None: weights in the compute dtype)."""
+    if quantization is not None and quantization not in QUANTIZATION_METHODS:
+        raise ValueError(f"unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATION_METHODS)}")
+    if config.quantization is not None:
+        if quantization is not None:
+            logger.info("the checkpoint is already FP8 (quantization_config); --quantization %s adds nothing",
+                        quantization)
+        return config.quantization
+    return online_fp8_scheme() if quantization == "fp8" else None
+
+
+def build_model(config: ModelConfig, scheme: Fp8Scheme | None, *, dtype: torch.dtype, device: torch.device | str,
+                parallel: ParallelState | None = None, expert_metrics: bool = False,
+                moe_backend: str = "torch") -> Dots1ForCausalLM:
+    """The model with uninitialised weights, FP8 ones where ``scheme`` quantizes them."""
+    options = dict(expert_metrics=expert_metrics, dtype=dtype, moe_backend=moe_backend)
+    if scheme is None:
+        with torch.device(device):
+            return Dots1ForCausalLM(config, parallel, **options)
+    with torch.device(device), deferred_projection_weights():
+        model = Dots1ForCausalLM(config, parallel, **options)
+    place_weights(model, scheme, device)
+    return model
+
+
+def place_weights(model: Dots1ForCausalLM, scheme: Fp8Scheme, device: torch.device | str) -> None:
+    """Gives every deferred projection and expert weight its storage: float8 where ``scheme`` quantizes the
+    checkpoint's Linear module(s) behind it, else the compute dtype. The router, norms, embeddings and lm_head are
+    not such modules and stay in high precision."""
+    for name, module in model.named_modules():
+        checkpoint_name = f"model.{name}"  # decoder modules sit under "model." in checkpoints
+        if isinstance(module, QuantizableProjection):
+            parent = checkpoint_name.rpartition(".")[0]
+            names = [f"{parent}.{matrix}" for matrix in module.names]
+        elif isinstance(module, RoutedExperts):
+            names = module.checkpoint_module_names(checkpoint_name)
+        else:
+            continue
+        quantized = {scheme.quantizes(matrix) for matrix in names}
+        if len(quantized) > 1:
+            some = [matrix for matrix in names if scheme.quantizes(matrix)][:3]
+            raise ValueError(f"quantization_config quantizes {some} but not all of {names[:3]}...: this engine runs "
+                             "them as one matmul, so they must be quantized alike")
+        if quantized.pop():
+            module.use_fp8(scheme, device)
+        else:
+            module.allocate_weight(device)
+
+
+def weight_summary(model: Dots1ForCausalLM) -> tuple[str, int]:
+    """(the weights' dtype in words, e.g. "float8_e4m3fn+bfloat16", and their bytes on this rank)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in model.parameters()},
+                    key=lambda name: (not name.startswith("float8"), name))
+    return "+".join(dtypes), sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def load_checkpoint(model: Dots1ForCausalLM, entries: dict[str, TensorEntry]) -> None:
@@ -72,11 +157,15 @@ def _plan(targets: dict[str, WeightTarget], entries: dict[str, TensorEntry]) -> 
         if _IGNORED_KEYS.search(key):
             continue
         target = targets.get(key)
+        if target is None and key.endswith("_scale"):
+            raise ValueError(f"{entry.file}: unexpected tensor {key!r}: a float8 scale for a weight this model keeps "
+                             "in high precision (no quantization_config, or its ignore list or targets exclude it)")
         if target is None:
             raise ValueError(f"{entry.file}: unexpected tensor {key!r}: the model (per config.json) has no such weight")
-        if entry.shape != target.shape:
+        if not target.accepts_shape(entry.shape):
             raise ValueError(f"{entry.file}: tensor {key!r} has shape {list(entry.shape)}, "
                              f"but config.json implies {list(target.shape)}")
+        _check_dtype(key, entry, target)
         for canonical in target.covers:
             if canonical in covered:
                 raise ValueError(f"{entry.file}: tensor {key!r} provides {canonical!r}, already given by "
@@ -85,6 +174,12 @@ def _plan(targets: dict[str, WeightTarget], entries: dict[str, TensorEntry]) -> 
         plan.append(key)
     required = dict.fromkeys(key for target in targets.values() for key in target.covers)
     missing = [key for key in required if key not in covered]
+    scales = [key for key in missing if key.endswith("_scale")]
+    if scales:
+        weight = scales[0].removesuffix("_scale")
+        where = entries[weight].file if weight in entries else "the checkpoint"
+        raise ValueError(f"{where}: float8 tensor {weight!r} has no scale {scales[0]!r}"
+                         + (f" ({len(scales) - 1} more scales missing)" if len(scales) > 1 else ""))
     if missing:
         files = sorted({str(entry.file) for entry in entries.values()})
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -92,12 +187,35 @@ def _plan(targets: dict[str, WeightTarget], entries: dict[str, TensorEntry]) -> 
     return plan
 
 
+def _check_dtype(key: str, entry: TensorEntry, target: WeightTarget) -> None:
+    if entry.dtype in target.dtypes:
+        return
+    if target.dtypes == FLOAT8:
+        raise ValueError(f"{entry.file}: tensor {key!r} is {entry.dtype}, but quantization_config quantizes it: "
+                         "expected float8 e4m3 (F8_E4M3) with a scale")
+    if target.dtypes == SCALE:
+        raise ValueError(f"{entry.file}: tensor {key!r} has dtype {entry.dtype}, expected a scale in "
+                         f"{'/'.join(sorted(SCALE))}")
+    if entry.dtype.startswith("F8"):
+        raise ValueError(f"{entry.file}: tensor {key!r} is float8 ({entry.dtype}), but this model keeps it in high "
+                         "precision (no quantization_config, or its ignore list or targets exclude it)")
+    raise ValueError(f"{entry.file}: tensor {key!r} has dtype {entry.dtype}, expected one of "
+                     f"{sorted(target.dtypes)}")
+
+
 def initialize_dummy_weights(model: Dots1ForCausalLM, seed: int = _DUMMY_SEED, std: float = _DUMMY_STD) -> None:
-    """Deterministic random weights (norms at 1) for sizing and benchmarking without a checkpoint."""
+    """Deterministic random weights (norms at 1) for sizing and benchmarking without a checkpoint; FP8 weights get
+    unit normal values with scales of ``std``."""
     with torch.no_grad():
         for index, (name, param) in enumerate(model.named_parameters()):
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
                 continue
+            if name.endswith("_scale"):
+                param.fill_(std)
+                continue
             generator = torch.Generator(device=param.device).manual_seed(seed + index)
-            param.normal_(0.0, std, generator=generator)
+            if param.dtype == FP8_DTYPE:
+                param.copy_(torch.randn(param.shape, generator=generator, device=param.device).to(FP8_DTYPE))
+            else:
+                param.normal_(0.0, std, generator=generator)

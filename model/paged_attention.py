@@ -5,6 +5,8 @@ tokens over its whole history. Everything here runs on plain torch ops on any de
 are gathered into one masked SDPA call; prefill chunks run one SDPA call each, causal on the fresh keys when there
 is no cached prefix and with an explicit mask over the gathered history when there is one. Index tensors and masks
 are built once per forward in ``AttentionMetadata`` from host-side lengths, so no layer syncs with the device.
+An FP8 cache is dequantized (``stored * scale``) as its blocks are gathered; prefills then always read their keys
+back from the cache, so every token attends over exactly what later steps will read.
 """
 from dataclasses import dataclass, field
 
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from model.forward_batch import ForwardBatch
+from model.kv_cache import is_fp8, quantize_kv
 
 # Gathered keys per decode attention call on the CPU (values take as much again).
 _CPU_DECODE_CHUNK_BYTES = 3 * 2**20
@@ -45,6 +48,7 @@ class DecodeGroup:
 class AttentionMetadata:
     decode: DecodeGroup | None
     prefills: list[PrefillChunk]
+    slot_mapping: torch.Tensor  # [T] int64, where each new token's K/V goes
     _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
     _buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = field(default_factory=dict)
 
@@ -72,7 +76,7 @@ class AttentionMetadata:
                 tables = batch.block_tables[seq_index, :n_blocks]
                 lens = batch.context_lens[seq_index]
             decode = DecodeGroup(token_index, tables.long(), lens.long(), n_blocks * block_size)
-        return cls(decode, prefills)
+        return cls(decode, prefills, batch.slot_mapping)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, 1, num_keys] bool: which gathered keys each decode token sees."""
@@ -108,45 +112,52 @@ class AttentionMetadata:
             self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return self._buffers[key]
 
-    def gather_blocks(self, name: str, cache: torch.Tensor, block_ids: torch.Tensor,
-                      dtype: torch.dtype) -> torch.Tensor:
-        """cache[block_ids] [n, block_size, Hkv, D] as ``dtype``, in reused buffers."""
+    def gather_blocks(self, name: str, cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype,
+                      scale: float = 1.0) -> torch.Tensor:
+        """cache[block_ids] [n, block_size, Hkv, D] as ``dtype`` (an FP8 cache times ``scale``), in reused buffers."""
         shape = (block_ids.numel(), *cache.shape[1:])
         gathered = torch.index_select(cache, 0, block_ids, out=self.scratch(name, shape, cache.dtype, cache.device))
         if dtype == cache.dtype:
             return gathered
-        return self.scratch(name, shape, dtype, cache.device).copy_(gathered)
+        converted = self.scratch(name, shape, dtype, cache.device).copy_(gathered)
+        return converted.mul_(scale) if is_fp8(cache) and scale != 1.0 else converted
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """key, value [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at flat slots [T]."""
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    if is_fp8(key_cache):
+        # index_copy_ has no float8 kernel on the CPU; the bytes are what matter.
+        key, value = quantize_kv(key, k_scale).view(torch.uint8), quantize_kv(value, v_scale).view(torch.uint8)
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                     value_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                    window: int | None) -> torch.Tensor:
+                    window: int | None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """query [T, Hq, D], this step's key/value [T, Hkv, D] (already stored) -> attention output [T, Hq, D]."""
     decode = metadata.decode
+    kv_scales = (k_scale, v_scale)
     if decode is not None and decode.token_index is None:
-        return _decode_attention(query, key_cache, value_cache, metadata, scale, window)
+        return _decode_attention(query, key_cache, value_cache, metadata, scale, window, kv_scales)
     output = torch.empty_like(query)
     if decode is not None:
         decoded = _decode_attention(query.index_select(0, decode.token_index), key_cache, value_cache, metadata,
-                                    scale, window)
+                                    scale, window, kv_scales)
         output.index_copy_(0, decode.token_index, decoded)
     for index, chunk in enumerate(metadata.prefills):
         rows = slice(chunk.token_start, chunk.token_end)
         output[rows] = _prefill_attention(query[rows], key[rows], value[rows], key_cache, value_cache, metadata,
-                                          index, scale, window)
+                                          index, scale, window, kv_scales)
     return output
 
 
 def _decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                      metadata: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
+                      metadata: AttentionMetadata, scale: float, window: int | None,
+                      kv_scales: tuple[float, float]) -> torch.Tensor:
     group = metadata.decode
     batch, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
@@ -166,8 +177,9 @@ def _decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     for start in range(0, batch, seqs_per_chunk):
         seqs = slice(start, min(start + seqs_per_chunk, batch))
         blocks = group.block_tables[seqs].reshape(-1)
-        keys = metadata.gather_blocks("decode_keys", key_cache, blocks, compute_dtype)  # [b * n_blocks, bs, Hkv, D]
-        values = metadata.gather_blocks("decode_values", value_cache, blocks, compute_dtype)
+        keys = metadata.gather_blocks("decode_keys", key_cache, blocks, compute_dtype,
+                                      kv_scales[0])  # [b * n_blocks, bs, Hkv, D]
+        values = metadata.gather_blocks("decode_values", value_cache, blocks, compute_dtype, kv_scales[1])
         chunk = seqs.stop - seqs.start
         keys = keys.view(chunk, group.num_keys, num_kv_heads, head_dim).transpose(1, 2)  # [b, Hkv, L, D]
         values = values.view(chunk, group.num_keys, num_kv_heads, head_dim).transpose(1, 2)
@@ -179,16 +191,17 @@ def _decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
 
 def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                        value_cache: torch.Tensor, metadata: AttentionMetadata, index: int, scale: float,
-                       window: int | None) -> torch.Tensor:
+                       window: int | None, kv_scales: tuple[float, float]) -> torch.Tensor:
     chunk = metadata.prefills[index]
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
-    if chunk.has_prefix:
+    from_cache = chunk.has_prefix or is_fp8(key_cache)
+    if from_cache:
         head_dim = key.shape[2]
-        keys = metadata.gather_blocks("prefill_keys", key_cache, chunk.block_ids, key_cache.dtype)
-        values = metadata.gather_blocks("prefill_values", value_cache, chunk.block_ids, value_cache.dtype)
+        keys = metadata.gather_blocks("prefill_keys", key_cache, chunk.block_ids, query.dtype, kv_scales[0])
+        values = metadata.gather_blocks("prefill_values", value_cache, chunk.block_ids, query.dtype, kv_scales[1])
         key = keys.view(-1, num_kv_heads, head_dim)[:chunk.context_len]
         value = values.view(-1, num_kv_heads, head_dim)[:chunk.context_len]
-    causal_only = not chunk.has_prefix and window is None
+    causal_only = not from_cache and window is None
     mask = None if causal_only else metadata.prefill_mask(index, window)
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],

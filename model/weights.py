@@ -31,6 +31,11 @@ class CheckpointTensor:
 
 WeightLoader = Callable[[CheckpointTensor], None]
 
+# What a checkpoint tensor must hold (safetensors dtype names): high-precision values, float8 e4m3 weights, scales.
+FLOAT = frozenset({"F32", "BF16", "F16", "F64"})
+FLOAT8 = frozenset({"F8_E4M3"})
+SCALE = frozenset({"F32", "BF16", "F16"})
+
 
 @dataclass(frozen=True)
 class WeightTarget:
@@ -38,9 +43,16 @@ class WeightTarget:
 
     ``covers`` names the canonical keys it satisfies: a fused expert tensor covers every per-expert key of its layer.
     A target with ``load=None`` is accepted and skipped (a tied lm_head, experts owned by other ranks).
+    ``dtypes`` are the safetensors dtypes the tensor may have; ``other_shapes`` further shapes it may have (the
+    layouts of per-tensor scales).
     """
 
     shape: tuple[int, ...]
     load: WeightLoader | None
     covers: tuple[str, ...]
+    dtypes: frozenset[str] = FLOAT
+    other_shapes: tuple[tuple[int, ...], ...] = ()
+
+    def accepts_shape(self, shape: tuple[int, ...]) -> bool:
+        return shape == self.shape or shape in self.other_shapes
 

@@ -10,6 +10,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or float32, bfloat16, float16
     device: str = "auto"  # auto: cuda when available, else cpu
     load_format: str = "auto"  # auto (safetensors) or dummy (random weights for the config)
+    quantization: str | None = None  # fp8: quantize a high-precision checkpoint's Linear weights while loading
     max_model_len: int | None = None  # None: the config's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -19,6 +20,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    attention_backend: str = "auto"  # torch, triton, or auto: triton on CUDA if its start-up self-check passes
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: float8_e4m3fn keys and values with per-layer scales
+    enforce_eager: bool = False  # never capture or replay CUDA graphs for decode steps
     expert_metrics: bool = True  # count token-expert assignments on device for the metrics
+    moe_backend: str = "auto"  # routed experts: auto (triton on CUDA, else torch), torch or triton
     chat_template: str | None = None  # a file or a literal template overriding the checkpoint's
     seed: int = 0

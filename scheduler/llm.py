@@ -1,13 +1,18 @@
 """Offline batch inference through the same engine the server uses: ``LLM(model=...).generate(prompts, params)``."""
 import itertools
+import time
 from dataclasses import dataclass, field, fields
 
 from model.embedded import EMBEDDED_MODEL_DIR
 from scheduler.config import EngineConfig
-from scheduler.engine import LLMEngine
+from scheduler.core_client import InprocClient, MultiprocessClient
+from scheduler.core_messages import EngineCoreRequest
+from scheduler.output_processor import OutputProcessor
 from scheduler.outputs import RequestOutput, TokenLogprob
+from scheduler.request_check import check_request
 from scheduler.sampling_params import SamplingParams
 from scheduler.stats import StatsListener
+from scheduler.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -36,14 +41,20 @@ class GenerationResult:
 
 class LLM:
     def __init__(
-        self, model: str = str(EMBEDDED_MODEL_DIR), stats_listener: StatsListener | None = None, **engine_options: object
+        self, model: str = str(EMBEDDED_MODEL_DIR), stats_listener: StatsListener | None = None,
+        engine_process: bool = False, **engine_options: object,
     ) -> None:
+        """``engine_process``: run the engine core in a process of its own (as the server does)."""
         known = {f.name for f in fields(EngineConfig)}
         unknown = sorted(set(engine_options) - known)
         if unknown:
             raise TypeError(f"unknown engine options {unknown}; known: {sorted(known - {'model'})}")
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_options), stats_listener)
-        self.tokenizer = self.engine.tokenizer
+        config = EngineConfig(model=model, **engine_options)
+        self.client = MultiprocessClient(config) if engine_process else InprocClient(config)
+        self.engine = self.client.core if isinstance(self.client, InprocClient) else None  # the core, in-process
+        self.stats_listener = stats_listener
+        self.tokenizer = load_tokenizer(model)
+        self.processor = OutputProcessor(self.tokenizer, stats_listener)
         self._request_ids = itertools.count()
 
     def generate(
@@ -58,20 +69,26 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
         prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        for ids, p in zip(prompt_ids, params_list):
-            self.engine.check_request(ids, p)
+        info = self.client.info
+        resolved = [check_request(ids, p, info.vocab_size, info.max_model_len, info.sampling_defaults)
+                    for ids, p in zip(prompt_ids, params_list)]
         results: dict[str, GenerationResult] = {}
-        for ids, p in zip(prompt_ids, params_list):
+        for ids, p in zip(prompt_ids, resolved):
             request_id = f"offline-{next(self._request_ids)}"
             results[request_id] = GenerationResult(request_id, ids, [Completion(i, "") for i in range(p.n)])
-            self.engine.add_request(request_id, ids, p)
-        while self.engine.has_unfinished():
-            for output in self.engine.step():
+            self.processor.add(request_id, ids, p)
+            self.client.add_request(EngineCoreRequest(request_id, ids, p, time.monotonic()))
+        while self.processor.has_unfinished() or self.client.has_unfinished():
+            outputs, to_finish = self.processor.process(self.client.get_outputs())
+            self.client.finish_choices(to_finish)
+            for output in outputs:
                 _accumulate(results[output.request_id], output)
         return list(results.values())
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        self.client.shutdown()
+        if isinstance(self.client, MultiprocessClient):
+            self.client.close()
 
 
 def _accumulate(result: GenerationResult, output: RequestOutput) -> None:

@@ -1,51 +1,96 @@
-"""The engine's one seam to the model: load weights, size and allocate the paged KV cache, run a batch.
+"""The engine's one seam to the model on one rank: load the weights (this rank's shard), size and allocate the paged
+KV cache, capture decode graphs, run a batch.
 
-A tensor-parallel executor (one worker process per rank) replaces this class with the same interface.
+The one-process executor is this class; with tensor parallelism rank 0 (in ParallelExecutor) and every worker
+process run this same class, and ``agree`` (a minimum over ranks) keeps the KV block count and the use of graphs
+identical on all ranks, so every rank takes the same path through every step and the collectives line up.
 """
 import logging
+from collections.abc import Callable
 
 import torch
 
 from model.config import ModelConfig
 from model.device import resolve_device, resolve_dtype
 from model.forward_batch import ForwardBatch
-from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
-from model.loader import load_model
+from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block, resolve_kv_cache_dtype
+from model.loader import load_model, weight_summary
+from model.parallel import ParallelState
 from scheduler.config import EngineConfig
+from scheduler.cuda_graph_runner import DecodeGraphRunner, StepGraph, capture_sizes, cuda_graph_factory
+from scheduler.step_inputs import BatchCapacity, StepInputs
 
 logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where free memory says little about what is safe to take
+GRAPH_POOL_SLACK_BYTES = 256 << 20
+
+
+def _same_on_every_rank(value: int) -> int:
+    return value
 
 
 class ModelExecutor:
-    def __init__(self, config: EngineConfig) -> None:
-        self.device = resolve_device(config.device)
+    def __init__(self, config: EngineConfig, parallel: ParallelState | None = None,
+                 device: torch.device | None = None, expert_metrics: bool | None = None,
+                 agree: Callable[[int], int] = _same_on_every_rank,
+                 make_graph: Callable[[], StepGraph] | None = None) -> None:
+        """``make_graph`` overrides how decode graphs are made (tests pass ``EagerStepGraph`` to drive the graph
+        path on a CPU); by default they are CUDA graphs, used on CUDA unless ``enforce_eager``, and only when the
+        model's forward is free of host syncs."""
+        self.parallel = parallel or ParallelState()
+        self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.model_config = ModelConfig.from_pretrained(config.model)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.model = load_model(
-            config.model,
-            dtype=self.dtype,
-            device=self.device,
-            load_format=config.load_format,
-            expert_metrics=config.expert_metrics,
+            config.model, dtype=self.dtype, device=self.device, load_format=config.load_format,
+            parallel=self.parallel, expert_metrics=config.expert_metrics if expert_metrics is None else expert_metrics,
+            quantization=config.quantization, moe_backend=config.moe_backend,
+            attention_backend=config.attention_backend, kv_cache_dtype=self.kv_cache_dtype,
         )
-        budget = self._kv_cache_budget(config)
-        bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, self.dtype)
-        self.num_kv_blocks = budget // bytes_per_block
+        self.attention_backend = self.model.attention_backend.name
+        self.weight_dtype, self.weight_bytes = weight_summary(self.model)
+        logger.info("weights: %s, %.1f MiB on %s (rank %d)", self.weight_dtype, self.weight_bytes / 2**20,
+                    self.device, self.parallel.rank)
+        make_graph = make_graph or self._cuda_graphs(config)
+        graph_reserve = self._graph_memory_estimate(config) if make_graph is not None else 0
+        bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, self.kv_cache_dtype,
+                                                   self.parallel)
+        # A decode graph pads its batch with rows that write and read one reserved block nobody else owns.
+        reserved_blocks = 1 if make_graph is not None else 0
+        budget = self._kv_cache_budget(config, graph_reserve)
+        self.num_kv_blocks = agree(max(0, budget // bytes_per_block - reserved_blocks))
         if self.num_kv_blocks < 1:
             raise ValueError(
                 f"the KV cache budget of {budget} bytes holds no block of {config.block_size} tokens "
-                f"({bytes_per_block} bytes each); raise --kv-cache-memory or --gpu-memory-utilization"
+                f"({bytes_per_block} bytes each on every rank); raise --kv-cache-memory or --gpu-memory-utilization"
             )
-        self.kv_caches = allocate_kv_cache(
-            self.model_config, self.num_kv_blocks, config.block_size, self.dtype, self.device
-        )
-        logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB) on %s",
-            self.num_kv_blocks, config.block_size, self.num_kv_blocks * bytes_per_block / 2**20, self.device,
-        )
+        self.kv_caches = allocate_kv_cache(self.model_config, self.num_kv_blocks + reserved_blocks,
+                                           config.block_size, self.kv_cache_dtype, self.device, self.parallel)
+        logger.info("rank %d: KV cache of %d blocks of %d tokens (%.1f MiB, %s) on %s; attention backend %s",
+                    self.parallel.rank, self.num_kv_blocks, config.block_size,
+                    self.num_kv_blocks * bytes_per_block / 2**20, str(self.kv_cache_dtype).removeprefix("torch."),
+                    self.device, self.attention_backend)
+        self.inputs: StepInputs | None = None
+        if self.device.type != "cpu":
+            max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+            self.inputs = StepInputs(BatchCapacity(max_tokens, config.max_num_seqs, self._table_width(), max_tokens),
+                                     self.device)
+        self.graphs: DecodeGraphRunner | None = None
+        if make_graph is not None:
+            self.graphs = self._capture_graphs(config, make_graph, graph_reserve, agree)
+
+    @property
+    def moe_backend(self) -> str:
+        return self.model.moe_backend
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether pure-decode steps replay captured CUDA graphs."""
+        return self.graphs is not None
 
     @property
     def is_alive(self) -> bool:
@@ -53,9 +98,12 @@ class ModelExecutor:
         return self.model is not None
 
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
-        """Runs one step; float32 logits [len(batch.logits_indices), vocab] on the model's device."""
+        """Runs one step; float32 logits [len(batch.logits_indices), vocab] on the model's device. Every rank must
+        run the same batch."""
         with torch.inference_mode():
-            return self.model(batch.to(self.device), self.kv_caches)
+            if self.graphs is not None and self.graphs.can_run(batch):
+                return self.graphs.run(batch)
+            return self.model(self._on_device(batch), self.kv_caches)
 
     def take_expert_counts(self) -> tuple[list[int], torch.Tensor] | None:
         """Token-expert assignment counts since the previous call, (layer ids, int64 CPU [layers, experts])."""
@@ -66,16 +114,80 @@ class ModelExecutor:
         return layer_ids, tensor.to("cpu", torch.int64)
 
     def shutdown(self) -> None:
-        """Releases the KV cache and the weights; the executor cannot run afterwards. Safe to call twice."""
+        """Releases the graphs, the KV cache and the weights; the executor cannot run afterwards. Safe to call
+        twice."""
+        self.graphs = None
+        self.inputs = None
         self.kv_caches = []
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _kv_cache_budget(self, config: EngineConfig) -> int:
+    def _on_device(self, batch: ForwardBatch) -> ForwardBatch:
+        if self.inputs is None:
+            return batch.to(self.device)
+        if not self.inputs.capacity.holds(batch):
+            return batch.to(self.device)
+        return self.inputs.load(batch)
+
+    def _table_width(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    def _cuda_graphs(self, config: EngineConfig) -> Callable[[], StepGraph] | None:
+        if self.device.type != "cuda" or config.enforce_eager:
+            return None
+        if not getattr(self.model, "graph_safe", False):
+            logger.info("decode runs eagerly: the model's attention or MoE backend is not free of host syncs, so "
+                        "its forward cannot be captured in a CUDA graph")
+            return None
+        return cuda_graph_factory()
+
+    def _graph_memory_estimate(self, config: EngineConfig) -> int:
+        """Bytes set aside from the KV budget for the graphs: the static logits and the pool's activations of
+        the largest graph (a generous per-token figure; the real one is logged after capture)."""
+        model = self.model_config
+        max_batch = capture_sizes(config.max_num_seqs)[-1]
+        per_token = (3 * model.vocab_size * 4 + 32 * model.hidden_size * self.dtype.itemsize
+                     + 4 * model.num_experts_per_tok * model.moe_intermediate_size * self.dtype.itemsize)
+        return max_batch * per_token + GRAPH_POOL_SLACK_BYTES
+
+    def _capture_graphs(self, config: EngineConfig, make_graph: Callable[[], StepGraph], reserve: int,
+                        agree: Callable[[int], int]) -> DecodeGraphRunner | None:
+        runner = DecodeGraphRunner(
+            lambda batch: self.model(batch, self.kv_caches), make_graph, self.model_config.vocab_size,
+            config.max_num_seqs, self.max_model_len, config.block_size, padding_block=self.num_kv_blocks,
+            device=self.device,
+        )
+        try:
+            with torch.inference_mode():
+                runner.capture(show_progress=self.parallel.rank == 0)
+            captured = True
+        except Exception:
+            logger.warning("rank %d: capturing the decode graphs failed; decode runs eagerly", self.parallel.rank,
+                           exc_info=True)
+            captured = False
+        if not agree(int(captured)):
+            if captured:
+                logger.warning("rank %d: another rank failed to capture its decode graphs; decode runs eagerly",
+                               self.parallel.rank)
+            del runner
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+        if self.device.type == "cuda" and config.kv_cache_memory is None:
+            logger.info("decode graphs take %.1f MiB of GPU memory; %.1f MiB was set aside from the KV budget",
+                        runner.capture_bytes / 2**20, reserve / 2**20)
+            if runner.capture_bytes > reserve:
+                logger.warning("decode graphs took %.1f MiB more than set aside: lower --gpu-memory-utilization if "
+                               "memory runs short", (runner.capture_bytes - reserve) / 2**20)
+        return runner
+
+    def _kv_cache_budget(self, config: EngineConfig, graph_reserve: int) -> int:
+        """--kv-cache-memory bytes (per rank), or the fraction of free GPU memory less what the decode graphs
+        will take (so --gpu-memory-utilization bounds both), or 1 GiB on a CPU."""
         if config.kv_cache_memory is not None:
             return config.kv_cache_memory
         if self.device.type == "cuda":
             free_bytes, _ = torch.cuda.mem_get_info(self.device)
-            return int(free_bytes * config.gpu_memory_utilization)
+            return int(free_bytes * config.gpu_memory_utilization) - graph_reserve
         return CPU_KV_CACHE_BYTES

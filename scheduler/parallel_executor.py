@@ -30,9 +30,11 @@ from model.device import resolve_device, resolve_dtype
 from model.forward_batch import ForwardBatch
 from model.parallel import ParallelState
 from scheduler.config import EngineConfig
-from scheduler.model_shard import STORE_HOST, ModelShard, join_process_group, min_over_ranks, rank_device
+from scheduler.cuda_graph_runner import StepGraph
+from scheduler.model_runner import ModelExecutor
 from scheduler.outputs import EngineDeadError
 from scheduler.parallel_worker import run_worker
+from scheduler.process_group import STORE_HOST, join_process_group, min_over_ranks, rank_device
 from scheduler.tp_batch import send_shutdown, send_step
 
 logger = logging.getLogger(__name__)
@@ -75,7 +77,8 @@ class _Rank0Thread:
 
 
 class ParallelExecutor:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, make_graph: Callable[[], StepGraph] | None = None) -> None:
+        """``make_graph``: as for ModelExecutor, on every rank (it must pickle: a class, not a closure)."""
         self.world_size = config.tensor_parallel_size
         if self.world_size < 2:
             raise ValueError(f"ParallelExecutor needs tensor_parallel_size >= 2, got {self.world_size}")
@@ -83,14 +86,13 @@ class ParallelExecutor:
         _check_devices(requested, self.world_size)
         self.device = rank_device(requested, 0)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.block_size = config.block_size
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.num_kv_blocks = 0
         self._failure: str | None = None
         self._closed = False
         self._lock = threading.Lock()
         self._stop_watchdog = threading.Event()
-        self._shard: ModelShard | None = None
+        self._shard: ModelExecutor | None = None  # rank 0's own model, KV cache and graphs
         self._control: dist.ProcessGroup | None = None
         num_threads = max(1, torch.get_num_threads() // self.world_size)  # CPU ranks share the machine's cores
         self._rank0 = _Rank0Thread(self.device, num_threads)
@@ -104,14 +106,14 @@ class ParallelExecutor:
                 process = context.Process(
                     target=run_worker, name=f"dots-serve-tp{rank}", daemon=True,
                     args=(rank, self.world_size, store.port, config, num_threads, writer, os.getpid(),
-                          logging.getLogger().getEffectiveLevel()),
+                          logging.getLogger().getEffectiveLevel(), make_graph),
                 )
                 process.start()
                 writer.close()
                 self._workers.append(process)
                 self._error_pipes.append(reader)
                 logger.info("tensor-parallel rank %d: worker process pid %d", rank, process.pid)
-            self._wait(self._rank0.submit(lambda: self._setup(config, store)))
+            self._wait(self._rank0.submit(lambda: self._setup(config, store, make_graph)))
         except BaseException:
             self._closed = True
             self._stop_workers(grace_s=0.0)
@@ -119,6 +121,25 @@ class ParallelExecutor:
             self._rank0.stop()
             raise
         threading.Thread(target=self._watch, name="tp-watchdog", daemon=True).start()
+
+    @property
+    def weight_dtype(self) -> str:
+        """The weights' dtype(s) in words, e.g. "float8_e4m3fn+bfloat16" (every rank holds the same)."""
+        return self._shard.weight_dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights on rank 0 (each rank holds about as much)."""
+        return self._shard.weight_bytes
+
+    @property
+    def moe_backend(self) -> str:
+        return self._shard.moe_backend
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether pure-decode steps replay captured CUDA graphs (on every rank, or on none)."""
+        return self._shard.cuda_graphs
 
     @property
     def worker_pids(self) -> list[int]:
@@ -148,11 +169,7 @@ class ParallelExecutor:
         """Rank 0's counts: the router runs replicated, so they cover every token on every rank."""
         if self._shard is None or self._shard.model is None:
             return None
-        counts = self._shard.model.take_expert_counts()
-        if counts is None:
-            return None
-        layer_ids, tensor = counts
-        return layer_ids, tensor.to("cpu", torch.int64)
+        return self._shard.take_expert_counts()
 
     def shutdown(self) -> None:
         """Ends every worker (a shutdown command, then terminate) and releases rank 0's shard. Safe to call twice."""
@@ -168,18 +185,20 @@ class ParallelExecutor:
         self._close_process_group()
         self._rank0.stop()
         if self._shard is not None and self._failure is None:
-            self._shard.release()  # after a failure a stuck collective could block freeing device memory
+            self._shard.shutdown()  # after a failure a stuck collective could block freeing device memory
 
-    def _setup(self, config: EngineConfig, store: dist.Store) -> None:
+    def _setup(self, config: EngineConfig, store: dist.Store, make_graph: Callable[[], StepGraph] | None) -> None:
         self._control = join_process_group(0, self.world_size, store, self.device)
         parallel = ParallelState(rank=0, world_size=self.world_size, expert_parallel=config.enable_expert_parallel)
-        self._shard = ModelShard(config, parallel, self.device, self.dtype, config.expert_metrics)
-        self.num_kv_blocks = min_over_ranks(self._shard.blocks_that_fit(config), self._control)
-        self._shard.allocate_kv_cache(self.num_kv_blocks)
+        self._shard = ModelExecutor(config, parallel, self.device, make_graph=make_graph,
+                                   agree=lambda value: min_over_ranks(value, self._control))
+        self.num_kv_blocks = self._shard.num_kv_blocks
+        self.kv_cache_dtype = self._shard.kv_cache_dtype  # resolved, as on ModelExecutor (rank 0's)
+        self.attention_backend = self._shard.attention_backend
 
     def _step(self, batch: ForwardBatch) -> torch.Tensor:
         send_step(batch, self._control)
-        logits = self._shard.run(batch)
+        logits = self._shard.execute(batch)
         if self.device.type == "cuda":
             # Wait here, where the caller watches the workers: a collective stuck on a dead peer must not block the
             # engine's next sync instead (the sampler syncs on these logits right after anyway).

@@ -8,15 +8,18 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import torch
 import torch.distributed as dist
 
-from model.device import resolve_device, resolve_dtype
+from model.device import resolve_device
 from model.parallel import ParallelState
 from scheduler.config import EngineConfig
-from scheduler.model_shard import STORE_HOST, ModelShard, join_process_group, min_over_ranks, rank_device
+from scheduler.cuda_graph_runner import StepGraph
+from scheduler.model_runner import ModelExecutor
+from scheduler.process_group import STORE_HOST, join_process_group, min_over_ranks, rank_device
 from scheduler.tp_batch import receive_step
 
 logger = logging.getLogger(__name__)
@@ -27,14 +30,15 @@ EXIT_ORPHANED = 3
 
 
 def run_worker(rank: int, world_size: int, store_port: int, config: EngineConfig, num_threads: int,
-               error_pipe: Connection, parent_pid: int, log_level: int) -> None:
+               error_pipe: Connection, parent_pid: int, log_level: int,
+               make_graph: Callable[[], StepGraph] | None = None) -> None:
     """Process entry point (spawned by ParallelExecutor)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server drains first
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s [rank {rank}]: %(message)s",
                         force=True)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="orphan-watch", daemon=True).start()
     try:
-        _serve(rank, world_size, store_port, config, num_threads)
+        _serve(rank, world_size, store_port, config, num_threads, make_graph)
     except BaseException as error:
         logger.exception("tensor-parallel worker rank %d failed", rank)
         error_pipe.send(f"{type(error).__name__}: {error}")
@@ -42,20 +46,20 @@ def run_worker(rank: int, world_size: int, store_port: int, config: EngineConfig
         os._exit(EXIT_FAILED)  # skip interpreter teardown: a broken communicator can hang in its destructor
 
 
-def _serve(rank: int, world_size: int, store_port: int, config: EngineConfig, num_threads: int) -> None:
+def _serve(rank: int, world_size: int, store_port: int, config: EngineConfig, num_threads: int,
+           make_graph: Callable[[], StepGraph] | None) -> None:
     device = rank_device(resolve_device(config.device), rank)
-    dtype = resolve_dtype(config.dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(num_threads)
     store = dist.TCPStore(STORE_HOST, store_port, world_size, is_master=False)
     control = join_process_group(rank, world_size, store, device)
     parallel = ParallelState(rank=rank, world_size=world_size, expert_parallel=config.enable_expert_parallel)
     # Rank 0 counts expert assignments for the metrics; the router is replicated, so every rank's counts agree.
-    shard = ModelShard(config, parallel, device, dtype, expert_metrics=False)
-    shard.allocate_kv_cache(min_over_ranks(shard.blocks_that_fit(config), control))
+    executor = ModelExecutor(config, parallel, device, expert_metrics=False, make_graph=make_graph,
+                             agree=lambda value: min_over_ranks(value, control))
     while (batch := receive_step(control)) is not None:
-        shard.run(batch)
-    shard.release()
+        executor.execute(batch)
+    executor.shutdown()
     dist.destroy_process_group()
 
 

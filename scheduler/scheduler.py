@@ -3,12 +3,16 @@
 Running decodes go first, then running prefills, then waiting sequences in arrival order; the last prefill is
 chunked to fill the token budget. When a running sequence cannot get a block, the most recently admitted running
 sequence is preempted: its blocks are freed and it is recomputed later from its token ids (prompt and output so far).
+Prompts that need prompt logprobs compute at most ``MAX_PROMPT_LOGPROB_ROWS_PER_STEP`` positions per step in all
+(each position costs a log-softmax over the vocabulary and a copy to the host).
 """
 from collections import deque
 from dataclasses import dataclass, field
 
 from scheduler.block_manager import BlockManager
 from scheduler.sequence import Sequence, SequenceStatus
+
+MAX_PROMPT_LOGPROB_ROWS_PER_STEP = 512
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Scheduler:
         out = SchedulerOutput()
         scheduled: dict[Sequence, int] = {}
         budget = self.max_num_batched_tokens
+        prompt_logprob_rows = MAX_PROMPT_LOGPROB_ROWS_PER_STEP
         # Decodes first, then unfinished prefills; each group in admission order (the sort is stable).
         for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
             if seq.status is not SequenceStatus.RUNNING:
@@ -58,6 +63,10 @@ class Scheduler:
             if budget == 0:
                 break
             num_new = min(seq.num_uncomputed_tokens, budget)
+            if seq.needs_prompt_logprobs:
+                num_new = min(num_new, prompt_logprob_rows)
+                if num_new == 0:
+                    continue
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running[-1]
                 budget += scheduled.pop(victim, 0)
@@ -68,6 +77,8 @@ class Scheduler:
             else:
                 scheduled[seq] = num_new
                 budget -= num_new
+                if seq.needs_prompt_logprobs:
+                    prompt_logprob_rows -= num_new
         # Admitting new work right after a preemption would only preempt again.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
@@ -76,6 +87,10 @@ class Scheduler:
                 prefix = self.block_manager.match_prefix(seq)
             num_computed = seq.num_computed_tokens + len(prefix) * self.block_manager.block_size
             num_new = min(seq.num_tokens - num_computed, budget)
+            if seq.needs_prompt_logprobs:
+                num_new = min(num_new, prompt_logprob_rows)
+                if num_new == 0:
+                    break
             if not self.block_manager.can_admit(seq, prefix, num_new):
                 break
             self.waiting.popleft()
@@ -91,6 +106,8 @@ class Scheduler:
             self.running.append(seq)
             scheduled[seq] = num_new
             budget -= num_new
+            if seq.needs_prompt_logprobs:
+                prompt_logprob_rows -= num_new
         out.scheduled = list(scheduled.items())
         return out
 

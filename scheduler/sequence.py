@@ -2,9 +2,8 @@
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from scheduler.sampling_params import SamplingParams
+from scheduler.sampling_state import SamplingState
 
 
 class SequenceStatus(enum.Enum):
@@ -26,7 +25,7 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
-    generator: torch.Generator | None = None  # set for seeded requests
+    sampling: SamplingState | None = None  # built at admission
     needs_prompt_logprobs: bool = False  # prompt logprobs still to compute: bypasses the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)

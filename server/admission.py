@@ -15,6 +15,7 @@ DRAIN_ABORT_GRACE_S = 5.0  # after aborting, how long requests get to send their
 class Ticket:
     """One admitted request. When the drain deadline passes, ``abort`` aborts its engine requests."""
 
+    num_sequences: int = 1  # n x prompts: what admission counts
     engine_requests: dict[str, Callable[[str], None]] = field(default_factory=dict)  # request id -> abort function
     aborted: bool = False
 
@@ -32,33 +33,41 @@ class Ticket:
 
 
 class Admission:
+    """Counts sequences (n x prompts of each request) against ``max_concurrent_requests``; a request larger than
+    the cap on its own is admitted when nothing else is in flight."""
+
     def __init__(self, max_concurrent_requests: int) -> None:
         self.max_concurrent_requests = max_concurrent_requests
         self.in_flight: set[Ticket] = set()
+        self.num_sequences = 0
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def admit(self) -> Ticket:
+    def admit(self, num_sequences: int = 1) -> Ticket:
         if self.draining:
             raise APIError(
                 503, "The server is shutting down and accepts no new requests.", code="server_draining",
                 headers={"Retry-After": "5"},
             )
-        if len(self.in_flight) >= self.max_concurrent_requests:
+        if self.in_flight and self.num_sequences + num_sequences > self.max_concurrent_requests:
             raise APIError(
                 429,
-                f"The server is at its limit of {self.max_concurrent_requests} concurrent requests; retry shortly.",
+                f"The server is at its limit of {self.max_concurrent_requests} concurrent sequences (n x prompts "
+                "of the requests in flight); retry shortly.",
                 code="rate_limit_exceeded",
                 headers={"Retry-After": "1"},
             )
-        ticket = Ticket()
+        ticket = Ticket(num_sequences)
         self.in_flight.add(ticket)
+        self.num_sequences += num_sequences
         self.idle.clear()
         return ticket
 
     def release(self, ticket: Ticket) -> None:
-        self.in_flight.discard(ticket)
+        if ticket in self.in_flight:
+            self.in_flight.discard(ticket)
+            self.num_sequences -= ticket.num_sequences
         if not self.in_flight:
             self.idle.set()
 

@@ -1,12 +1,14 @@
 """The FastAPI application: routes, middleware, error handlers, and the engine's lifetime."""
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.chat_page import add_chat_page, page_url
 from server.errors import APIError, install_error_handlers
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from server.protocol.tokenize import DetokenizeRequest, TokenizeRequest
@@ -16,14 +18,17 @@ from server.serving_completions import Completions
 from server.state import ServerState
 
 OWNED_BY = "dots-serve"
+logger = logging.getLogger(__name__)
 
 
 def build_app(state: ServerState, on_load_failure: Callable[[], None]) -> FastAPI:
-    """``on_load_failure`` stops the server when the model cannot be loaded."""
+    """``on_load_failure`` stops the server when the model cannot be loaded or the engine has died."""
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.config.ui:
+            logger.info("Chat page: %s", page_url(state.config))
         loading = asyncio.create_task(state.load(on_load_failure))
         try:
             yield
@@ -38,6 +43,8 @@ def build_app(state: ServerState, on_load_failure: Callable[[], None]) -> FastAP
     if state.config.api_keys:
         app.add_middleware(APIKeyMiddleware, api_keys=state.config.api_keys)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)  # outermost: every response gets an id
+    if state.config.ui:
+        add_chat_page(app)
     chat = ChatCompletions(state)
     completions = Completions(state)
 

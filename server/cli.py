@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     model.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="auto: safetensors from --model; dummy: random weights for the config (benchmarks)")
+    model.add_argument("--quantization", choices=["fp8"], help="fp8: quantize a bf16/fp16 checkpoint's Linear "
+                       "weights to float8 (per output channel) while loading; FP8 checkpoints need no flag")
     model.add_argument("--chat-template", help="a Jinja file or template overriding the checkpoint's chat template")
     model.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler for unseeded requests")
     engine = parser.add_argument_group("engine")
@@ -70,24 +72,41 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="fraction of free GPU memory for the KV cache after loading the weights")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="auto: the model dtype; fp8: float8 e4m3 keys and values (twice the tokens per byte)")
+    engine.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                        help="auto: triton paged kernels on CUDA, torch elsewhere; triton falls back to torch if its "
+                        "start-up self-check fails")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse the KV cache of shared prompt prefixes")
     engine.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (or CPU processes) per replica")
     engine.add_argument("--enable-expert-parallel", action=argparse.BooleanOptionalAction, default=False,
                         help="place whole experts on ranks instead of splitting every expert")
+    engine.add_argument("--enforce-eager", action="store_true",
+                        help="run every step eagerly: no CUDA graphs for decode steps")
+    engine.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the engine core in its own process (--no-engine-process: on a thread of the server, "
+                        "for debugging)")
     engine.add_argument("--expert-metrics", action=argparse.BooleanOptionalAction, default=True,
                         help="count token-expert assignments for /metrics (--no-expert-metrics saves a little time)")
+    engine.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton"],
+                        help="routed experts: triton (fused MoE kernels, no host syncs) or torch (the reference); "
+                        "auto: triton on CUDA, torch elsewhere; triton falls back to torch if its start-up "
+                        "self-check fails")
     http = parser.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     http.add_argument("--port", type=int, default=8000, help="port to listen on")
     http.add_argument("--api-key", action="append", help=f"accepted API key(s): repeat the flag or separate with "
                       f"commas; also read from ${API_KEY_ENV}; none: no authentication")
     http.add_argument("--max-concurrent-requests", type=int, default=256,
-                      help="generation requests admitted at once; more get 429 with Retry-After")
+                      help="sequences (n x prompts of each generation request) admitted at once; more get 429 "
+                      "with Retry-After")
     http.add_argument("--max-request-body-bytes", type=byte_size, default=8 * 1024 * 1024,
                       help="larger request bodies get 413")
     http.add_argument("--shutdown-timeout", type=float, default=30.0,
                       help="seconds in-flight requests may take to finish after SIGTERM/SIGINT before being aborted")
+    http.add_argument("--ui", action=argparse.BooleanOptionalAction, default=True,
+                      help="serve the chat page at / (--no-ui: the API only)")
     http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     http.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log line")
     return parser
@@ -160,6 +179,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_request_body_bytes=args.max_request_body_bytes,
         log_prompts=args.log_prompts,
         log_level=args.log_level,
+        engine_process=args.engine_process,
+        ui=args.ui,
     )
 
 

@@ -13,8 +13,8 @@ class ServerConfig:
     max_request_body_bytes: int = 8 * 1024 * 1024
     log_prompts: bool = False
     log_level: str = "info"
-    max_n: int = 16
-    max_logprobs: int = 20
+    engine_process: bool = True  # the engine core in its own process; False: on a thread of the server (debugging)
+    ui: bool = True  # the chat page at /
 
     @property
     def model_name(self) -> str:

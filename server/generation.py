@@ -54,16 +54,21 @@ async def prompt_updates(
     """One prompt's updates. Leaving early (client gone) closes the engine stream, which aborts the request."""
     request_id = generation.engine_request_id(prompt_index)
     params = generation.params[prompt_index]
-    stream = engine.generate(request_id, generation.prompts[prompt_index].token_ids, params, generation.arrival_time)
+    try:
+        stream = engine.add_request(request_id, generation.prompts[prompt_index].token_ids, params,
+                                    generation.arrival_time)
+    except ENGINE_ERRORS as error:
+        raise from_engine_error(error) from error
+    # The core gets an abort after the request itself (one channel, in order), so a drain abort reaches a request
+    # still waiting in the engine's queue too.
+    ticket.track(request_id, engine.abort)
     try:
         async for output in stream:
-            # Registered once the engine holds the request, so that an abort can never come before it.
-            ticket.track(request_id, engine.abort)
             yield to_update(prompt_index, params.n, output)
     except ENGINE_ERRORS as error:
         raise from_engine_error(error) from error
     finally:
-        await stream.aclose()
+        stream.close()
 
 
 async def pump(updates: AsyncIterator[PromptUpdate], queue: asyncio.Queue) -> None:

@@ -12,7 +12,8 @@ from scheduler.stats import RequestStats, StatsListener, StepStats
 PREFIX = "dots_serve"
 SUCCESS_FINISH_REASONS = ("stop", "length", "abort")
 ENGINE_ERROR_REASON = "engine_error"
-INFO_LABELS = ("version", "model", "dtype", "device", "tensor_parallel_size", "block_size", "num_kv_blocks")
+INFO_LABELS = ("version", "model", "dtype", "device", "tensor_parallel_size", "block_size", "num_kv_blocks",
+               "weight_dtype", "weight_bytes", "kv_cache_dtype", "attention_backend", "moe_backend", "cuda_graphs")
 
 # Seconds, from a millisecond to ten minutes: a cached short prompt on a GPU up to a long generation on a CPU.
 REQUEST_LATENCY_BUCKETS = (

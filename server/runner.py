@@ -52,12 +52,12 @@ class DrainingServer(uvicorn.Server):
         finally:
             self.should_exit = True
 
-    def stop_after_load_failure(self) -> None:
+    def stop_after_failure(self) -> None:
         self.should_exit = True
 
 
 def run_server(config: ServerConfig, engine_config: EngineConfig, info: dict[str, str]) -> int:
-    """Serves until a signal (exit status 0) or a failed model load (exit status 1)."""
+    """Serves until a signal (exit status 0), a failed model load or a dead engine (exit status 1)."""
     metrics = ServerMetrics(config.model_name, info)
     state = ServerState(config, engine_config, metrics)
     uvicorn_config = uvicorn.Config(
@@ -71,6 +71,6 @@ def run_server(config: ServerConfig, engine_config: EngineConfig, info: dict[str
         lifespan="on",
     )
     server = DrainingServer(uvicorn_config, state)
-    uvicorn_config.app = build_app(state, on_load_failure=server.stop_after_load_failure)
+    uvicorn_config.app = build_app(state, on_load_failure=server.stop_after_failure)
     server.run()
-    return 1 if state.load_error is not None else 0
+    return 1 if state.load_error is not None or state.engine_error is not None else 0

@@ -1,9 +1,9 @@
-"""Turns request fields into engine ``SamplingParams`` and checks that a prompt plus its completion fits."""
-from dataclasses import replace
-
+"""Turns request fields into engine ``SamplingParams``, checked by the engine's own request check."""
+from scheduler import request_check
+from scheduler.async_engine import AsyncEngine
+from scheduler.outputs import RequestRejected
 from scheduler.sampling_params import InvalidParameterError, SamplingParams
-from server.config import ServerConfig
-from server.errors import APIError, invalid_request
+from server.errors import from_engine_error, invalid_request
 from server.protocol.common import SamplingRequest
 
 
@@ -20,18 +20,12 @@ def parse_logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float]:
 
 
 def build_sampling_params(
-    request: SamplingRequest,
-    config: ServerConfig,
-    vocab_size: int,
-    max_tokens: int | None,
-    logprobs: int | None,
-    prompt_logprobs: int | None,
-    param_names: dict[str, str],
+    request: SamplingRequest, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
 ) -> SamplingParams:
-    """``param_names`` renames engine parameters to the request's own spelling in errors (max_completion_tokens...)."""
+    """The request's fields as engine parameters, unchecked: ``check_prompts`` runs the engine's own check."""
     if request.stream_options is not None and not request.stream:
         raise invalid_request("stream_options is only allowed when stream is true", param="stream_options")
-    params = SamplingParams(
+    return SamplingParams(
         n=request.n,
         temperature=request.temperature,
         top_p=request.top_p,
@@ -52,33 +46,23 @@ def build_sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
     )
+
+
+def check_prompts(
+    engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, param_names: dict[str, str]
+) -> list[SamplingParams]:
+    """The engine's check of each prompt with ``params``: resolved parameters per prompt, or a 400 naming the
+    parameter as the request spells it (``param_names`` renames engine names: max_tokens -> max_completion_tokens)."""
     try:
-        params.validate(vocab_size, max_logprobs=config.max_logprobs, max_n=config.max_n)
+        return [engine.check_request(token_ids, params) for token_ids in prompts]
+    except (InvalidParameterError, RequestRejected) as error:
+        api_error = from_engine_error(error)
+        api_error.param = param_names.get(api_error.param, api_error.param)
+        raise api_error from None
+
+
+def check_num_sequences(num_prompts: int, n: int) -> None:
+    try:
+        request_check.check_num_sequences(num_prompts, n)
     except InvalidParameterError as error:
-        raise invalid_request(str(error), param=param_names.get(error.param, error.param)) from None
-    return params
-
-
-def fit_to_context(
-    params: SamplingParams, prompt_tokens: int, max_model_len: int, prompt_param: str, max_tokens_param: str
-) -> SamplingParams:
-    """The params with ``max_tokens`` resolved for this prompt; 400 ``context_length_exceeded`` if it cannot fit."""
-    room = max_model_len - prompt_tokens
-    if params.max_tokens is not None and params.max_tokens <= room:
-        return params
-    if params.max_tokens is None and room >= 1:
-        if params.min_tokens > room:
-            raise invalid_request(
-                f"min_tokens ({params.min_tokens}) exceeds the {room} tokens left in the context after the prompt",
-                param="min_tokens",
-            )
-        return replace(params, max_tokens=room)
-    requested = 1 if params.max_tokens is None else params.max_tokens
-    raise APIError(
-        400,
-        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-        f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the completion). "
-        f"Please reduce the length of the prompt or {max_tokens_param}.",
-        param=prompt_param if room < 1 else max_tokens_param,
-        code="context_length_exceeded",
-    )
+        raise from_engine_error(error) from None

@@ -52,6 +52,10 @@ class GenerationRoute(ABC, Generic[RequestT]):
         self.state = state
         self.config = state.config
 
+    def num_sequences(self, body: RequestT) -> int:
+        """What admission counts: n choices of each prompt."""
+        return body.n
+
     @abstractmethod
     async def prepare(self, body: RequestT, engine: AsyncEngine, record: RequestRecord) -> GenerationInput:
         """Tokenizes and builds the engine parameters; raises APIError for anything invalid."""
@@ -75,7 +79,7 @@ class GenerationRoute(ABC, Generic[RequestT]):
             body.warn_unknown_fields(self.route)
             self.state.check_model(body.model)
             engine = self.state.ready_engine()
-            ticket = self.state.admission.admit()
+            ticket = self.state.admission.admit(self.num_sequences(body))
         except APIError as error:
             self.state.metrics.record_rejected(error.code or error.type)
             raise

@@ -14,7 +14,7 @@ from server.generation import GenerationInput, generate
 from server.logprobs import chat_logprobs
 from server.protocol.chat import ChatCompletionRequest
 from server.request_log import RequestRecord
-from server.sampling import build_sampling_params, fit_to_context
+from server.sampling import build_sampling_params, check_prompts
 from server.serving import GenerationRoute, usage
 from server.streaming import DONE_EVENT, ChunkEncoder
 from server.structured_outputs import compile_or_400, request_spec
@@ -31,13 +31,8 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
             raise invalid_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens, max_tokens_param = body.completion_token_limit()
         params = build_sampling_params(
-            body,
-            self.config,
-            engine.model_config.vocab_size,
-            max_tokens=max_tokens,
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            body, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             prompt_logprobs=None,
-            param_names={"max_tokens": max_tokens_param, "logprobs": "top_logprobs"},
         )
         tools = parse_tools(body)
         constraint = await self.constraint(body, tools, engine)
@@ -45,7 +40,8 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
         prompt = await self.state.tokenization.chat_prompt(
             body.messages, body.add_generation_prompt, body.continue_final_message, tools.template_tools()
         )
-        params = fit_to_context(params, len(prompt.token_ids), engine.max_model_len, "messages", max_tokens_param)
+        [params] = check_prompts(engine, [prompt.token_ids], params,
+                                 {"max_tokens": max_tokens_param, "logprobs": "top_logprobs", "prompt": "messages"})
         record.prompt_tokens = len(prompt.token_ids)
         record.prompt_text = prompt.text
         return GenerationInput(record.completion_id, [prompt], [params], record.arrival_time)

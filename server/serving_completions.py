@@ -10,7 +10,7 @@ from server.generation import GenerationInput, generate
 from server.logprobs import CompletionLogprobs
 from server.protocol.completions import CompletionRequest
 from server.request_log import RequestRecord
-from server.sampling import build_sampling_params, fit_to_context
+from server.sampling import build_sampling_params, check_num_sequences, check_prompts
 from server.serving import GenerationRoute, usage
 from server.streaming import DONE_EVENT, ChunkEncoder, sse_event
 from server.structured_outputs import compile_or_400, request_spec
@@ -67,25 +67,24 @@ class Completions(GenerationRoute[CompletionRequest]):
     id_prefix = "cmpl"
     request_model = CompletionRequest
 
+    def num_sequences(self, body: CompletionRequest) -> int:
+        prompt = body.prompt
+        num_prompts = 1 if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int) else len(prompt)
+        check_num_sequences(num_prompts, body.n)
+        return num_prompts * body.n
+
     async def prepare(self, body: CompletionRequest, engine: AsyncEngine, record: RequestRecord) -> GenerationInput:
         reject_unsupported_completion(body)
         params = build_sampling_params(
-            body,
-            self.config,
-            engine.model_config.vocab_size,
-            max_tokens=body.max_tokens,
-            logprobs=body.logprobs,
+            body, max_tokens=body.max_tokens, logprobs=body.logprobs,
             prompt_logprobs=body.logprobs if body.echo else None,
-            param_names={"prompt_logprobs": "logprobs"},
         )
         spec, spec_param = request_spec(body.response_format, body.structured_outputs)
         await compile_or_400(engine.grammar_compiler, spec, spec_param)
         params = replace(params, structured_output=spec)
         prompts = await self.state.tokenization.completion_prompts(body.prompt)
-        per_prompt = [
-            fit_to_context(params, len(prompt.token_ids), engine.max_model_len, "prompt", "max_tokens")
-            for prompt in prompts
-        ]
+        per_prompt = check_prompts(engine, [prompt.token_ids for prompt in prompts], params,
+                                   {"prompt_logprobs": "logprobs"})
         record.prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
         texts = [prompt.text for prompt in prompts]
         record.prompt_text = texts[0] if len(texts) == 1 else repr(texts)

@@ -17,6 +17,7 @@ from server.tokenization import Tokenization
 logger = logging.getLogger(__name__)
 
 LOADING_RETRY_AFTER_S = "10"
+ENGINE_DEAD_EXIT_GRACE_S = 3.0  # after the engine died: time for the failed streams to send their error events
 
 
 class ServerState:
@@ -29,15 +30,20 @@ class ServerState:
         self.tokenization: Tokenization | None = None
         self.token_texts: TokenTexts | None = None
         self.load_error: BaseException | None = None
+        self.engine_error: BaseException | None = None  # the engine process died: the server exits non-zero
 
     async def load(self, on_failure: Callable[[], None]) -> None:
         """Builds the engine in a daemon thread (minutes for a large checkpoint) while probes answer."""
         loop = asyncio.get_running_loop()
         loaded: asyncio.Future[AsyncEngine] = loop.create_future()
 
+        def engine_died(error: BaseException) -> None:  # called on the engine's output thread
+            loop.call_soon_threadsafe(self.engine_died, error, on_failure)
+
         def build() -> None:
             try:
-                engine = AsyncEngine(self.engine_config, stats_listener=self.metrics.stats_listener)
+                engine = AsyncEngine(self.engine_config, stats_listener=self.metrics.stats_listener,
+                                     engine_process=self.config.engine_process, on_dead=engine_died)
             except BaseException as error:  # reported through the future, then the server exits
                 loop.call_soon_threadsafe(loaded.set_exception, error)
             else:
@@ -53,15 +59,29 @@ class ServerState:
             self.load_error = error
             on_failure()
             return
-        self.tokenization = Tokenization(engine.tokenizer, renderer, engine.model_config.vocab_size)
+        self.tokenization = Tokenization(engine.tokenizer, renderer, engine.vocab_size)
         self.token_texts = TokenTexts(engine.tokenizer)
         self.engine = engine
-        self.metrics.update_info({"dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
-                                  "num_kv_blocks": str(engine.num_kv_blocks)})
+        info = engine.info
+        self.metrics.update_info({
+            "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
+            "num_kv_blocks": str(engine.num_kv_blocks), "weight_dtype": info.weight_dtype,
+            "weight_bytes": str(info.weight_bytes), "kv_cache_dtype": info.kv_cache_dtype,
+            "attention_backend": info.attention_backend, "moe_backend": info.moe_backend,
+            "cuda_graphs": str(info.cuda_graphs).lower(),
+        })
         logger.info(
             "model %s ready: max_model_len=%d, %d KV blocks", self.config.model_name, engine.max_model_len,
             engine.num_kv_blocks,
         )
+
+    def engine_died(self, error: BaseException, on_failure: Callable[[], None]) -> None:
+        """Every request has failed with a 503 (the engine ended their streams); the server exits after a grace."""
+        if self.engine_error is not None:
+            return
+        self.engine_error = error
+        logger.error("the engine died (%s); the server exits in %.0fs", error, ENGINE_DEAD_EXIT_GRACE_S)
+        asyncio.get_running_loop().call_later(ENGINE_DEAD_EXIT_GRACE_S, on_failure)
 
     @property
     def is_ready(self) -> bool:

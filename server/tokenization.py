@@ -1,4 +1,6 @@
-"""Prompt text and token ids: chat rendering, tokenizing (off the event loop when long), range checks."""
+"""Prompt text and token ids: chat rendering, tokenizing (off the event loop when long), /detokenize's range check.
+
+The token ids of a prompt are checked by the engine's request check, with every other request rule."""
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ class Tokenization:
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.vocab_size = vocab_size
-        # One worker: the tokenizer is shared with the engine's detokenizer and is not meant for many threads.
+        # One worker: long texts tokenize off the event loop, one at a time (the detokenizer has its own tokenizer).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     async def run(self, size: int, function, *args):
@@ -79,7 +81,6 @@ class Tokenization:
             else:
                 if not item:
                     raise invalid_request("a token-id prompt must not be empty", param="prompt")
-                self.check_token_ids(item, "prompt")
                 inputs.append(PromptInput(token_ids=list(item), text=None))
         return inputs
 

@@ -17,7 +17,7 @@ from model.embedded import EMBEDDED_MODEL_DIR
 from scheduler.config import EngineConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_tiny_model.py"
+TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train_embedded_model.py"
 CONFIGS_DIR = REPO_ROOT / "configs"
 SPECIAL_TOKEN_IDS = {
     "<|endoftext|>": 4089,
@@ -50,18 +50,31 @@ def reference_model() -> Dots1ForCausalLM:
     return model.eval()
 
 
-def test_checkpoint_regenerates_bit_identically_from_its_script(tmp_path: Path):
-    subprocess.run([sys.executable, str(BUILD_SCRIPT), "--out", str(tmp_path)], check=True, capture_output=True)
-    committed = sorted(path.name for path in EMBEDDED_MODEL_DIR.iterdir() if path.is_file())
-    regenerated = sorted(path.name for path in tmp_path.iterdir())
-    assert regenerated == committed
-    for name in committed:
+def run_train_script(out_dir: Path, steps: int) -> None:
+    subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--out", str(out_dir), "--steps", str(steps)], check=True,
+                   capture_output=True)
+
+
+def test_tokenizer_and_configs_regenerate_bit_identically_from_the_script(tmp_path: Path):
+    run_train_script(tmp_path, steps=0)
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert written == ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    for name in written:
         assert (tmp_path / name).read_bytes() == (EMBEDDED_MODEL_DIR / name).read_bytes(), name
 
 
-def test_checkpoint_is_at_most_ten_megabytes():
+def test_training_is_seeded(tmp_path: Path):
+    """The committed weights come from the script's full run; two short runs show that a run is reproducible."""
+    run_train_script(tmp_path / "first", steps=2)
+    run_train_script(tmp_path / "second", steps=2)
+    first = (tmp_path / "first" / "model.safetensors").read_bytes()
+    assert first == (tmp_path / "second" / "model.safetensors").read_bytes()
+    assert first != (EMBEDDED_MODEL_DIR / "model.safetensors").read_bytes()  # 2 steps are not the full run
+
+
+def test_checkpoint_is_at_most_sixteen_megabytes():
     total_bytes = sum(path.stat().st_size for path in EMBEDDED_MODEL_DIR.iterdir())
-    assert total_bytes <= 10_000_000
+    assert total_bytes <= 16_000_000
 
 
 def test_config_has_the_real_dots1_structure():
@@ -121,7 +134,7 @@ def test_tokenizer_has_the_dots1_special_tokens(tokenizer):
 
 
 def test_tokenizer_round_trips_bytes_and_matches_the_raw_tokenizer_json(tokenizer):
-    text = "The database file is opened.\n\tZürich, 東京, naïve café 🤖🎉 \u200b end  "
+    text = "In the beginning was the Word.\n\tZürich, 東京, naïve café 🤖🎉 \u200b end  "
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text
     assert len(ids) < len(text.encode("utf-8"))  # merges were learned, not just bytes
@@ -150,11 +163,11 @@ def test_chat_template_renders_a_full_conversation(tokenizer):
 
 def test_chat_template_injects_the_default_system_prompt_and_generation_prompt(tokenizer):
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is SQLite?"}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": "What is wisdom?"}], tokenize=False, add_generation_prompt=True
     )
     expected = (
         "<|system|>You are a helpful assistant.<|endofsystem|>"
-        "<|userprompt|>What is SQLite?<|endofuserprompt|><|response|>"
+        "<|userprompt|>What is wisdom?<|endofuserprompt|><|response|>"
     )
     assert rendered == expected
 
@@ -207,3 +220,17 @@ def test_real_dots_llm1_inst_config_sizes_to_142_8b_parameters():
         model = Dots1ForCausalLM(config)
     parameter_count = sum(parameter.numel() for parameter in model.parameters())
     assert 142.5e9 < parameter_count < 143.0e9
+
+
+def test_transformers_greedy_reply_is_words_that_end_the_turn(tokenizer, reference_model):
+    """The trained model, run by Transformers itself: a chat reply that ends with <|endofresponse|>."""
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me about the sea."}], add_generation_prompt=True, return_tensors="pt"
+    )
+    prompt_length = encoded["input_ids"].shape[1]
+    with torch.no_grad():
+        generated = reference_model.generate(**encoded, max_new_tokens=96, do_sample=False)
+    reply = generated[0, prompt_length:].tolist()  # [N]
+    assert reply[-1] == SPECIAL_TOKEN_IDS["<|endofresponse|>"]
+    text = tokenizer.decode(reply, skip_special_tokens=True)
+    assert len(text.split()) >= 3 and all(character.isascii() for character in text)

@@ -9,10 +9,11 @@ from model.kv_cache import allocate_kv_cache
 
 
 class PagedRunner:
-    def __init__(self, model: Dots1ForCausalLM, num_blocks: int = 64, block_size: int = 4, seed: int = 0):
+    def __init__(self, model: Dots1ForCausalLM, num_blocks: int = 64, block_size: int = 4, seed: int = 0,
+                 cache_dtype: torch.dtype | None = None):
         self.model = model
         self.block_size = block_size
-        dtype = model.embed_tokens.weight.dtype
+        dtype = cache_dtype or model.embed_tokens.weight.dtype
         self.kv_caches = allocate_kv_cache(model.config, num_blocks, block_size, dtype, "cpu", model.parallel)
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)  # block tables come out non-contiguous and unordered

@@ -11,14 +11,15 @@ from model.parallel import ParallelState
 
 
 def run_rank(rank: int, world_size: int, port: int, model_dir: str, expert_parallel: bool,
-             prompts: dict[int, list[int]], decodes: int, out_path: str) -> None:
+             prompts: dict[int, list[int]], decodes: int, out_path: str, quantization: str | None = None) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         parallel = ParallelState(rank=rank, world_size=world_size, expert_parallel=expert_parallel)
-        model = load_model(Path(model_dir), dtype=torch.float32, device="cpu", parallel=parallel)
+        model = load_model(Path(model_dir), dtype=torch.float32, device="cpu", parallel=parallel,
+                           quantization=quantization)
         logits = generate(PagedRunner(model), prompts, decodes)
         if rank == 0:
             torch.save(logits, out_path)

@@ -204,6 +204,9 @@ def test_info_metric_describes_the_server(stack):
     assert info["device"] == "cpu"
     assert info["dtype"] == "float32"
     assert int(info["num_kv_blocks"]) > 0
+    assert info["weight_dtype"] == info["kv_cache_dtype"] == "float32"
+    assert int(info["weight_bytes"]) > 1_000_000  # the embedded model's 2.8M parameters
+    assert (info["attention_backend"], info["moe_backend"], info["cuda_graphs"]) == ("torch", "torch", "false")
 
 
 def elapsed(stack: dict) -> str:

@@ -13,7 +13,8 @@ DEADLINE_S = 30.0  # generous: the watchdog polls every 0.2 s
 
 def test_chat_over_two_ranks_then_a_killed_worker_makes_health_503():
     with TensorParallelServer() as server:
-        assert parent_pid(server.worker_pid) == server.process.pid
+        # The engine process (rank 0) is the server's child and the worker's parent.
+        assert parent_pid(parent_pid(server.worker_pid)) == server.process.pid
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
         reply = client.chat.completions.create(
             model="dots1-tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0)

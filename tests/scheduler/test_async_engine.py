@@ -1,4 +1,5 @@
-"""The threaded engine behind asyncio: concurrent streams, cancellation, failing steps, a dead loop, shutdown."""
+"""The engine behind asyncio (the core on the output thread, InprocClient): concurrent streams, cancellation,
+failing steps and post-processing, a dead loop, shutdown."""
 import asyncio
 import time
 from collections.abc import Iterator
@@ -14,7 +15,8 @@ from scheduler.sampling_params import SamplingParams
 
 
 def start_engine(**options: object) -> AsyncEngine:
-    engine = AsyncEngine(EngineConfig(dtype="float32", kv_cache_memory=8 << 20, **options), RecordingListener())
+    engine = AsyncEngine(EngineConfig(dtype="float32", kv_cache_memory=8 << 20, **options), RecordingListener(),
+                         engine_process=False)
     engine.start()
     return engine
 
@@ -27,7 +29,7 @@ def engine() -> Iterator[AsyncEngine]:
 
 
 def pool_is_free(engine: AsyncEngine) -> bool:
-    manager = engine.engine.block_manager
+    manager = engine.client.core.block_manager
     return engine.num_running == 0 and engine.num_waiting == 0 and manager.num_free_blocks == manager.num_blocks
 
 
@@ -39,7 +41,7 @@ async def wait_until_pool_free(engine: AsyncEngine) -> None:
 
 
 def finish_reason_of(engine: AsyncEngine, request_id: str) -> str:
-    stats = [r for r in engine.engine.stats_listener.requests if r.request_id == request_id]
+    stats = [r for r in engine.processor.stats_listener.requests if r.request_id == request_id]
     assert len(stats) == 1 and stats[0].generation_tokens < 500
     return stats[0].finish_reason
 
@@ -108,7 +110,7 @@ def test_rejections_are_raised_before_the_first_output(engine: AsyncEngine) -> N
 
 def test_a_failing_forward_fails_only_its_batch_and_the_engine_keeps_serving() -> None:
     engine = start_engine(max_num_seqs=1)  # the second request waits, outside the failing batch
-    real_execute = engine.engine.executor.execute
+    real_execute = engine.client.core.executor.execute
     failures = []
 
     def execute_failing_once(batch):
@@ -117,7 +119,7 @@ def test_a_failing_forward_fails_only_its_batch_and_the_engine_keeps_serving() -
             raise RuntimeError("injected device error")
         return real_execute(batch)
 
-    engine.engine.executor.execute = execute_failing_once
+    engine.client.core.executor.execute = execute_failing_once
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
     async def main() -> tuple[list[RequestOutput], list[RequestOutput]]:
@@ -140,7 +142,7 @@ def test_a_dead_loop_reports_itself_and_fails_pending_and_new_requests() -> None
     def broken_step():
         raise RuntimeError("scheduler bug")
 
-    engine.engine.step = broken_step
+    engine.client.core.step = broken_step
 
     async def main() -> None:
         with pytest.raises(EngineDeadError):
@@ -154,7 +156,7 @@ def test_a_dead_loop_reports_itself_and_fails_pending_and_new_requests() -> None
 
 
 def test_an_engine_that_was_never_started_refuses_requests() -> None:
-    engine = AsyncEngine(EngineConfig(dtype="float32", kv_cache_memory=1 << 20))
+    engine = AsyncEngine(EngineConfig(dtype="float32", kv_cache_memory=1 << 20), engine_process=False)
     assert not engine.is_alive
 
     async def main() -> None:

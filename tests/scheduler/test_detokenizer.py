@@ -51,12 +51,12 @@ def test_special_tokens_are_skipped_or_kept(tokenizer) -> None:
 
 def test_a_stop_string_split_across_tokens_is_never_released(tokenizer) -> None:
     ids = tokenizer.encode("The answer is STOP here")
-    assert [tokenizer.decode([i]) for i in ids][-4:-1] == [" S", "T", "OP"]  # "STOP" spans three tokens
+    assert [tokenizer.decode([i]) for i in ids][-5:-1] == [" S", "T", "O", "P"]  # "STOP" spans four tokens
     detokenizer = IncrementalDetokenizer(tokenizer, stop=["STOP"])
     deltas = stream(detokenizer, ids)
     assert detokenizer.stop_reason == "STOP"
     assert "".join(deltas) == "The answer is "
-    assert deltas[-3:] == [" ", "", ""]  # "S" and "T" held back while they could start "STOP"
+    assert deltas[-4:] == [" ", "", "", ""]  # "S", "T" and "O" held back while they could start "STOP"
 
 
 def test_include_stop_str_in_output_keeps_the_stop_but_not_what_follows(tokenizer) -> None:

@@ -5,6 +5,7 @@ from transformers import Dots1ForCausalLM
 
 from conftest import assert_pool_free, make_llm, random_prompts
 from model.embedded import EMBEDDED_MODEL_DIR
+from scheduler.core_messages import EngineCoreRequest, FinishChoice
 from scheduler.llm import LLM, Completion
 from scheduler.outputs import RequestRejected
 from scheduler.sampling_params import InvalidParameterError, SamplingParams
@@ -38,7 +39,7 @@ def test_32_concurrent_greedy_requests_equal_each_run_alone(llm: LLM, reference_
         assert result.outputs[0].finish_reason == "length"
         assert len(result.outputs[0].token_ids) == p.max_tokens
         assert_same_greedy(result.outputs[0], alone.outputs[0])
-    steps = llm.engine.stats_listener.steps
+    steps = llm.stats_listener.steps
     assert max(s.num_seqs for s in steps) > 16
     assert all(s.num_tokens <= 256 for s in steps)
 
@@ -49,7 +50,7 @@ def test_a_pool_too_small_for_the_batch_preempts_and_still_matches(reference_llm
     prompts = random_prompts(10, 20, 120, seed=2)
     params = [greedy(max_tokens=20) for _ in prompts]
     results = small.generate(prompts, params)
-    assert sum(r.num_preemptions for r in small.engine.stats_listener.requests) > 0
+    assert sum(r.num_preemptions for r in small.stats_listener.requests) > 0
     for prompt, p, result in zip(prompts, params, results):
         assert_same_greedy(result.outputs[0], reference_llm.generate([prompt], p)[0].outputs[0])
     assert_pool_free(small)
@@ -155,18 +156,20 @@ def test_requests_that_can_never_fit_are_rejected_up_front(llm: LLM) -> None:
 
 def test_abort_frees_blocks_and_unknown_ids_are_ignored(llm: LLM) -> None:
     engine = llm.engine
-    engine.add_request("a", random_prompts(1, 100, 100, seed=9)[0], greedy(max_tokens=50))
+    engine.add_request(EngineCoreRequest("a", random_prompts(1, 100, 100, seed=9)[0], greedy(max_tokens=50), 0.0))
     for _ in range(3):
         engine.step()
-    assert engine.kv_cache_usage() > 0
-    output = engine.abort("a")
-    assert output.finished and output.outputs[0].finish_reason == "abort"
-    assert engine.abort("a") is None and engine.abort("never-seen") is None
+    assert engine.block_manager.usage() > 0
+    engine.finish_choices([FinishChoice("a", None, "abort"), FinishChoice("never-seen", None, "abort")])
+    [output] = engine.step().outputs
+    assert output.finished and output.choices[0].finish_reason == "abort"
+    engine.finish_choices([FinishChoice("a", None, "abort")])
+    assert engine.step().outputs == []
     assert_pool_free(llm)
 
 
 def test_request_and_step_statistics_are_recorded(llm: LLM) -> None:
-    listener = llm.engine.stats_listener
+    listener = llm.stats_listener
     listener.requests.clear()
     llm.generate(random_prompts(2, 20, 40, seed=10), greedy(max_tokens=5))
     for stats in listener.requests:

@@ -5,18 +5,45 @@ import pytest
 import torch
 
 from sched_helpers import make_seq
-from scheduler.sampler import Sampler
+from scheduler.sampler import Sampler as BatchSampler
+from scheduler.sampling_state import build_sampling_state
 
 EOS = 9
 VOCAB = 10
 
 
+class PendingSeq:
+    """A sequence whose sampling state is built, as at admission, once the vocabulary (logits width) is known."""
+
+    def __init__(self, output: list[int], prompt: list[int], seed: int | None, params: dict) -> None:
+        self.seq = make_seq(prompt, **params)
+        self.output = output
+        self.seed = seed
+
+    def admit(self, vocab_size: int):
+        seq = self.seq
+        if seq.sampling is None:
+            generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+            seq.sampling = build_sampling_state(seq.params, seq.token_ids, vocab_size, [EOS], torch.device("cpu"),
+                                                generator)
+            for token in self.output:  # outputs so far, counted as the sampler counts its own
+                seq.token_ids.append(token)
+                if seq.sampling.output_counts is not None:
+                    seq.sampling.output_counts[token] += 1
+        return seq
+
+
+class Sampler(BatchSampler):
+    def __init__(self, eos_token_ids: list[int], generator: torch.Generator | None = None) -> None:
+        assert eos_token_ids == [EOS]
+        super().__init__(generator)
+
+    def sample(self, logits: torch.Tensor, seqs: list[PendingSeq]):
+        return super().sample(logits, [s.admit(logits.shape[1]) for s in seqs])
+
+
 def seq_with(output: list[int] | None = None, prompt: list[int] | None = None, seed: int | None = None, **params: object):
-    seq = make_seq(prompt or [5], **params)
-    seq.token_ids.extend(output or [])
-    if seed is not None:
-        seq.generator = torch.Generator().manual_seed(seed)
-    return seq
+    return PendingSeq(output or [], prompt or [5], seed, params)
 
 
 def logits_from_probs(probs: list[float]) -> torch.Tensor:
@@ -158,3 +185,12 @@ def test_logprobs_zero_gives_only_the_sampled_token() -> None:
     logits = torch.tensor([[1.0, 2.0, 3.0]])
     out = Sampler([EOS]).sample(logits, [seq_with(temperature=0.0, logprobs=0)])
     assert out.logprobs[0].token_id == 2 and out.logprobs[0].top == []
+
+
+def test_penalty_counts_follow_the_sampled_tokens_across_steps() -> None:
+    sampler = Sampler([EOS])
+    pending = seq_with([], temperature=0.0, presence_penalty=2.0)
+    logits = torch.tensor([[3.0, 2.0, 0.5, 0.0]])
+    first = sampler.sample(logits, [pending]).token_ids  # the sampler counts token 0 itself
+    pending.seq.token_ids.extend(first)
+    assert first == [0] and sampler.sample(logits, [pending]).token_ids == [1]

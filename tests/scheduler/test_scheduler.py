@@ -3,7 +3,7 @@ import random
 
 from sched_helpers import make_seq
 from scheduler.block_manager import BlockManager
-from scheduler.scheduler import Scheduler, SchedulerOutput
+from scheduler.scheduler import MAX_PROMPT_LOGPROB_ROWS_PER_STEP, Scheduler, SchedulerOutput
 from scheduler.sequence import Sequence, SequenceStatus
 
 BS = 4
@@ -178,3 +178,18 @@ def test_thousands_of_random_admit_abort_finish_events_leak_no_block() -> None:
     assert scheduler.block_manager.num_free_blocks == 48
     assert all(block.ref_count == 0 for block in scheduler.block_manager.blocks)
     assert preemptions > 0 and hits > 0  # the random walk did exercise both paths
+
+
+def test_prompt_logprob_rows_per_step_are_capped_across_sequences() -> None:
+    scheduler = make_scheduler(num_blocks=1024, max_tokens=4096)
+    first, second = make_seq(list(range(600))), make_seq(list(range(300)))
+    plain = make_seq(list(range(1000, 1100)))
+    for seq in (first, second):
+        seq.needs_prompt_logprobs = True
+    for seq in (first, second, plain):
+        scheduler.add(seq)
+    out = run_step(scheduler)
+    assert [(s, n) for s, n in out.scheduled] == [(first, MAX_PROMPT_LOGPROB_ROWS_PER_STEP)]
+    out = run_step(scheduler)
+    assert [(s, n) for s, n in out.scheduled] == [(first, 600 - MAX_PROMPT_LOGPROB_ROWS_PER_STEP), (second, 300),
+                                                  (plain, 100)]

@@ -142,3 +142,23 @@ def test_server_stays_healthy_after_bad_input(http: httpx.Client) -> None:
     response = http.post(CHAT, content=chat_body(max_tokens=3, ignore_eos=True))
     assert response.status_code == 200
     assert response.json()["usage"]["completion_tokens"] == 3
+
+
+CAPS = {
+    "stop strings": (CHAT, chat_body(stop=[f"s{i}" for i in range(17)]), "stop", "16"),
+    "stop string length": (CHAT, chat_body(stop=["x" * 257]), "stop", "256"),
+    "stop_token_ids": (CHAT, chat_body(stop_token_ids=list(range(129))), "stop_token_ids", "128"),
+    "logit_bias entries": (CHAT, chat_body(logit_bias={str(i): 1 for i in range(301)}), "logit_bias", "300"),
+    "top_logprobs": (CHAT, chat_body(logprobs=True, top_logprobs=21), "top_logprobs", "20"),
+    "n x prompts": (COMPLETIONS, completion_body(prompt=["a"] * 9, n=16), "n", "128"),
+}
+
+
+@pytest.mark.parametrize("case", list(CAPS))
+def test_each_cap_is_a_400_naming_its_limit(http: httpx.Client, case: str) -> None:
+    path, body, param, limit = CAPS[case]
+    response = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    validate(response.json(), "ErrorResponse")
+    error = response.json()["error"]
+    assert error["param"] == param and limit in error["message"], error

@@ -48,10 +48,12 @@ def test_engine_flags_reach_the_engine_config() -> None:
     engine = engine_config(parse_args([
         "--tensor-parallel-size", "2", "--enable-expert-parallel", "--no-expert-metrics", "--kv-cache-memory", "2GiB",
         "--no-enable-prefix-caching", "--block-size", "32", "--max-model-len", "1024", "--load-format", "dummy",
+        "--enforce-eager",
     ]))
     assert engine.tensor_parallel_size == 2 and engine.enable_expert_parallel and not engine.expert_metrics
     assert engine.kv_cache_memory == 2 * 1024**3 and not engine.enable_prefix_caching
     assert (engine.block_size, engine.max_model_len, engine.load_format) == (32, 1024, "dummy")
+    assert engine.enforce_eager and not engine_config(parse_args([])).enforce_eager
 
 
 def test_unreadable_chat_template_is_refused_before_loading() -> None:

@@ -169,5 +169,5 @@ def test_help_explains_every_flag() -> None:
                  "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-memory", "--block-size",
                  "--max-concurrent-requests", "--shutdown-timeout", "--chat-template", "--load-format", "--log-level",
                  "--config", "--tensor-parallel-size", "--enable-expert-parallel", "--no-expert-metrics",
-                 "--log-prompts"):
+                 "--log-prompts", "--enforce-eager"):
         assert flag in result.stdout, flag

@@ -1,0 +1,105 @@
+"""The engine core in its own process: a killed engine fails every stream with an error event and takes the server
+down (non-zero, no process left behind); a drain past its deadline aborts running and queued requests alike."""
+import os
+import re
+import signal
+import threading
+import time
+
+import httpx
+from api_server import ServerProcess, wait_for
+from conftest import MODEL
+from openai_schema import validate
+from sse_events import DONE, parse_events
+
+MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
+ENGINE_PID_LINE = re.compile(r"engine core: process pid (\d+)")
+STREAM_END_DEADLINE_S = 15.0
+
+
+class Stream:
+    """One streaming chat request read on a thread; ``started`` once a content chunk arrived."""
+
+    def __init__(self, url: str, **body: object) -> None:
+        self.events: list = []
+        self.started = threading.Event()
+        self.ended = threading.Event()
+        payload = {"model": MODEL, "messages": MESSAGES, "stream": True, "ignore_eos": True, **body}
+        threading.Thread(target=self.run, args=(url, payload), daemon=True).start()
+
+    def run(self, url: str, payload: dict) -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=payload, timeout=120) as response:
+                for event in parse_events(response.iter_lines()):
+                    self.events.append(event)
+                    if event != DONE and "choices" in event and any(c["delta"].get("content") for c in event["choices"]):
+                        self.started.set()
+        finally:
+            self.started.set()
+            self.ended.set()
+
+    def finish_reasons(self) -> list[str]:
+        return [c["finish_reason"] for e in self.events if e != DONE and "choices" in e for c in e["choices"]
+                if c["finish_reason"]]
+
+
+def descendants(pid: int) -> set[int]:
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.add(int(entry))
+            except OSError:
+                continue
+    return children | {grandchild for child in children for grandchild in descendants(child)}
+
+
+def is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_engine_ends_every_stream_with_an_error_and_the_server_exits_nonzero() -> None:
+    with ServerProcess() as server:
+        [engine_pid] = [int(pid) for pid in ENGINE_PID_LINE.findall(server.log_text())]
+        children = descendants(server.process.pid)
+        assert engine_pid in children
+        streams = [Stream(server.url, max_tokens=1900) for _ in range(8)]
+        for stream in streams:
+            assert stream.started.wait(60)
+        assert all(not stream.ended.is_set() for stream in streams)
+
+        os.kill(engine_pid, signal.SIGKILL)
+        for stream in streams:
+            assert stream.ended.wait(STREAM_END_DEADLINE_S), "a stream did not end after the engine died"
+            assert stream.events[-1] == DONE
+            error = stream.events[-2]
+            validate(error, "ErrorResponse")
+            assert error["error"]["code"] == "engine_dead" and "SIGKILL" in error["error"]["message"]
+        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 503
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2},
+                             timeout=5)
+        assert refused.status_code == 503
+        validate(refused.json(), "ErrorResponse")
+        assert server.wait(60) != 0
+        wait_for(lambda: not any(is_running(pid) for pid in children), 30, "every child process to exit")
+
+
+def test_drain_past_the_deadline_aborts_running_and_queued_requests() -> None:
+    # One sequence at a time: the second and third requests wait in the engine's queue when the drain ends.
+    with ServerProcess("--max-num-seqs", "1", "--shutdown-timeout", "1") as server:
+        running = Stream(server.url, max_tokens=1900)
+        assert running.started.wait(60)
+        queued = [Stream(server.url, max_tokens=1900) for _ in range(2)]
+        wait_for(lambda: httpx.get(f"{server.url}/health").json()["num_waiting"] == 2, 30, "two queued requests")
+        server.signal(signal.SIGTERM)
+        for stream in [running, *queued]:
+            assert stream.ended.wait(60)
+            assert stream.events[-1] == DONE
+            assert stream.finish_reasons() == ["abort"]
+        assert server.wait(60) == 0
