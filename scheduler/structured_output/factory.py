@@ -12,6 +12,16 @@ def create_grammar_compiler(
     return GrammarCompiler(LLGuidanceBackend(tokenizer, vocab_size, eos_token_ids))
 
 
+def front_end_compiler(client: object, tokenizer: PreTrainedTokenizerBase) -> GrammarCompiler:
+    """The compiler a front end checks constraints with before it sends a request: the core's own (one cache)
+    when the core is in this process, else one of its own (the core compiles into its cache again)."""
+    core = getattr(client, "core", None)
+    if core is not None:
+        return core.structured_output.compiler
+    info = client.info
+    return create_grammar_compiler(tokenizer, info.vocab_size, info.eos_token_ids)
+
+
 def create_structured_output(
     tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: list[int]
 ) -> StructuredOutputManager:

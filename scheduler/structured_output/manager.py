@@ -30,6 +30,16 @@ class PendingMasks:
     done: Future
 
 
+def check_constraint(compiler: GrammarCompiler, params: SamplingParams) -> None:
+    """Compiles (or finds cached) the request's constraint; InvalidParameterError if it cannot be enforced."""
+    if params.structured_output is None:
+        return
+    try:
+        compiler.compile(params.structured_output)
+    except InvalidConstraintError as error:
+        raise InvalidParameterError(CONSTRAINT_PARAM, f"the constraint cannot be enforced: {error}") from None
+
+
 class StructuredOutputManager:
     def __init__(self, compiler: GrammarCompiler, vocab_size: int) -> None:
         self.compiler = compiler
@@ -38,13 +48,7 @@ class StructuredOutputManager:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
 
     def check(self, params: SamplingParams) -> None:
-        """Compiles (or finds cached) the request's constraint; InvalidParameterError if it cannot be enforced."""
-        if params.structured_output is None:
-            return
-        try:
-            self.compiler.compile(params.structured_output)
-        except InvalidConstraintError as error:
-            raise InvalidParameterError(CONSTRAINT_PARAM, f"the constraint cannot be enforced: {error}") from None
+        check_constraint(self.compiler, params)
 
     def start_filling(self, seqs: list[Sequence]) -> PendingMasks | None:
         """Starts computing the masks of the constrained ones among ``seqs`` (the sampling rows, in order)."""
@@ -60,10 +64,11 @@ class StructuredOutputManager:
         if pending is None:
             return
         pending.done.result()
-        rows = torch.tensor(pending.rows, device=logits.device)
-        constrained = logits[rows]  # [R, V]
-        apply_bitmask(constrained, pending.bitmask)
-        logits[rows] = constrained
+        with torch.inference_mode():  # the executor's logits are inference tensors
+            rows = torch.tensor(pending.rows, device=logits.device)
+            constrained = logits[rows]  # [R, V]
+            apply_bitmask(constrained, pending.bitmask)
+            logits[rows] = constrained
 
     def advance(self, seq: Sequence, token_id: int) -> bool:
         """Feeds a sampled token to ``seq``'s matcher; True when the grammar is complete (the choice should end)."""

@@ -176,7 +176,7 @@ def test_preempted_constrained_sequences_resume_their_grammar(reference_llm: LLM
     prompts = random_prompts(4, 20, 40, seed=16)
     params = [sampled(schema_spec(PERSON), seed, max_tokens=80) for seed in range(4)]  # fits the 128-token pool
     results = small.generate(prompts, params)
-    assert sum(r.num_preemptions for r in small.engine.stats_listener.requests) > 0
+    assert sum(r.num_preemptions for r in small.stats_listener.requests) > 0
     for prompt, p, result in zip(prompts, params, results):
         output = result.outputs[0]
         jsonschema.validate(json.loads(output.text), PERSON)
@@ -184,3 +184,29 @@ def test_preempted_constrained_sequences_resume_their_grammar(reference_llm: LLM
     assert_pool_free(small)
     assert small.engine.structured_output.num_active == 0
     small.shutdown()
+
+
+def test_constraints_travel_to_the_engine_process_and_end_with_their_last_token(llm: LLM) -> None:
+    """The constraint crosses the process boundary in SamplingParams; a completed grammar comes back as "stop" with
+    its last token as text (flushed by the front end), token for token what the in-process core gives."""
+    prompts = random_prompts(3, 5, 40, seed=17)
+    params = [sampled(schema_spec(PERSON), seed=0, n=2, logprobs=1),
+              sampled(StructuredOutputSpec("regex", "abc[0-9]def"), seed=1, stop=["c"]),
+              sampled(None, seed=2, max_tokens=6, ignore_eos=True)]
+    expected = llm.generate(prompts, params)
+    remote = make_llm(max_num_batched_tokens=256, kv_cache_memory=8 << 20, engine_process=True)
+    try:
+        assert remote.engine is None
+        results = remote.generate(prompts, params)
+        with pytest.raises(InvalidParameterError, match="objectt") as error:  # the front end's own compiler
+            remote.generate([[1, 2, 3]], sampled(StructuredOutputSpec("json_schema", '{"type": "objectt"}'), seed=0))
+        assert error.value.param == "response_format"
+    finally:
+        remote.shutdown()
+    for got, want in zip(results, expected):
+        assert [(c.token_ids, c.text, c.finish_reason) for c in got.outputs] == \
+               [(c.token_ids, c.text, c.finish_reason) for c in want.outputs]
+    for output in results[0].outputs:
+        assert output.finish_reason == "stop"
+        jsonschema.validate(json.loads(output.text), PERSON)  # the closing brace is the grammar's last token
+    assert results[1].outputs[0].text == "ab" and results[1].outputs[0].stop_reason == "c"
