@@ -88,16 +88,23 @@ def test_none_answers_in_text_with_the_tools_in_the_prompt(http: httpx.Client) -
     assert with_tools["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"] + 50  # the tool definitions
 
 
-def test_auto_answers_text_or_valid_calls(client: openai.OpenAI) -> None:
+def test_auto_leaves_a_text_answer_as_it_is(client: openai.OpenAI) -> None:
+    """The embedded model answers this prompt in text (0 of 64 seeds wrote the tag when measured; it was never
+    trained on tool calls). Under auto the grammar only forbids a tag that does not open a valid call, so each answer
+    is the text tool_choice "none" gives for the seed, and it ends. (That a started call is then constrained is
+    tested on the grammar itself, in test_tool_units.py.)"""
     for seed in SEEDS:
-        [choice] = client.chat.completions.create(
-            model=MODEL, messages=ASK, tools=TOOLS, max_tokens=30, temperature=1.0, seed=seed,
-        ).choices
-        if choice.message.tool_calls:
-            assert choice.finish_reason in ("tool_calls", "length")
-        else:
-            assert choice.finish_reason in ("stop", "length")
-            assert "<tool_call>" not in choice.message.content
+        answers = {
+            choice: client.chat.completions.create(
+                model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=200, temperature=1.0,
+                seed=seed,
+            ).choices[0]
+            for choice in ("auto", "none")
+        }
+        auto = answers["auto"]
+        assert auto.message.tool_calls is None and auto.finish_reason == "stop"
+        assert auto.message.content and "<tool_call>" not in auto.message.content
+        assert auto.message.content == answers["none"].message.content
 
 
 def test_streamed_tool_call_deltas_assemble_to_the_same_calls(http: httpx.Client) -> None:
