@@ -210,3 +210,16 @@ def test_constraints_travel_to_the_engine_process_and_end_with_their_last_token(
         assert output.finish_reason == "stop"
         jsonschema.validate(json.loads(output.text), PERSON)  # the closing brace is the grammar's last token
     assert results[1].outputs[0].text == "ab" and results[1].outputs[0].stop_reason == "c"
+
+
+def test_a_failing_mask_fails_only_the_constrained_requests(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(matchers: list, bitmask: torch.Tensor) -> None:
+        raise RuntimeError("mask fill injected failure")
+
+    monkeypatch.setattr(llm.engine.structured_output.compiler.backend, "fill_masks", broken)
+    plain = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    constrained, neighbour = llm.generate([[1, 2, 3], [4, 5, 6]], [sampled(schema_spec(PERSON), seed=0), plain])
+    assert constrained.outputs[0].finish_reason == "error" and "mask fill injected failure" in constrained.error
+    assert neighbour.error is None and neighbour.outputs[0].finish_reason == "length"
+    assert len(neighbour.outputs[0].token_ids) == 6
+    assert llm.engine.structured_output.num_active == 0 and not llm.engine.has_unfinished()
