@@ -35,9 +35,6 @@ from model.forward_batch import ForwardBatch  # noqa: E402
 from scheduler.cuda_graph_runner import EagerStepGraph  # noqa: E402
 
 REAL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "dots.llm1.inst"
-# Functions the attention and MoE helpers expose: run_self_check(device) -> str (a summary; raises on a failure).
-KERNEL_SELF_CHECKS = (("attention kernels self-check", "model.kernels.attention.self_check", "run_self_check"),
-                      ("MoE kernels self-check", "model.kernels.moe.self_check", "run_self_check"))
 TINY_MID_SIZE = dict(MID_SIZE, vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
                      n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=512)
@@ -84,14 +81,25 @@ def graph_factory(device: str) -> Callable | None:
 
 
 def kernel_self_checks(table: Table, device: str) -> None:
-    for name, module_name, function in KERNEL_SELF_CHECKS:
-        with table.section(name):
-            try:
-                check = getattr(importlib.import_module(module_name), function)
-            except (ImportError, AttributeError) as error:
-                table.add(name, f"not available in this checkout ({module_name}.{function}: {error})")
-                continue
-            table.add(name, str(check(device)))
+    """The start-up self-checks of the Triton attention and MoE kernels, in every dtype the card serves."""
+    from model.attention_self_check import check_triton_attention
+    from model.kernels.moe.self_check import check_fused_moe
+
+    dtypes = [torch.bfloat16, torch.float16] if device.startswith("cuda") else [torch.float32]
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        with table.section(f"attention kernels self-check {name}"):
+            error = check_triton_attention(device, dtype, query_heads_per_kv_head=1, windows=(None, 64))
+            table.add(f"attention kernels self-check {name}", f"pass, max abs diff {error:.2e} against torch")
+        with table.section(f"MoE kernels self-check {name}"):
+            failure = check_fused_moe(device, dtype)
+            table.add(f"MoE kernels self-check {name}", "pass" if failure is None else f"FAIL: {failure}")
+    if device.startswith("cuda") and torch.cuda.get_device_capability() >= (8, 9):
+        with table.section("FP8 kernels self-check"):
+            error = check_triton_attention(device, torch.bfloat16, kv_cache_dtype=torch.float8_e4m3fn)
+            failure = check_fused_moe(device, torch.bfloat16, fp8=True)
+            table.add("FP8 kernels self-check", f"KV cache: max abs diff {error:.2e}; fused MoE: "
+                      + ("pass" if failure is None else f"FAIL: {failure}"))
 
 
 def describe_graphs(executor) -> str:

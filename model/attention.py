@@ -4,6 +4,7 @@ from torch import nn
 
 from model.attention_backend import AttentionStep
 from model.config import ModelConfig
+from model.kv_scales import kv_scale_targets
 from model.linear import ColumnParallelLinear, RowParallelLinear
 from model.norm import RMSNorm
 from model.parallel import ParallelState
@@ -23,6 +24,7 @@ class Dots1Attention(nn.Module):
         # FP8 KV cache scales (the cache stores x / scale); a loader may set them from the checkpoint.
         self.k_scale = 1.0
         self.v_scale = 1.0
+        self.has_checkpoint_kv_scales = config.has_kv_cache_scales
         q_shard = (first_head * head_dim, self.num_heads * head_dim)
         kv_shard = (first_kv_head * head_dim, self.num_kv_heads * head_dim)
         self.qkv_proj = ColumnParallelLinear(
@@ -55,4 +57,6 @@ class Dots1Attention(nn.Module):
         targets |= self.o_proj.weight_targets(f"{prefix}.o_proj")
         targets |= self.q_norm.weight_targets(f"{prefix}.q_norm")
         targets |= self.k_norm.weight_targets(f"{prefix}.k_norm")
+        if self.has_checkpoint_kv_scales:
+            targets |= kv_scale_targets(self, prefix)
         return targets

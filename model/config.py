@@ -147,6 +147,11 @@ class ModelConfig:
             quantization=parse_quantization_config(raw.get("quantization_config")),
         )
 
+    @property
+    def has_kv_cache_scales(self) -> bool:
+        """Whether the checkpoint holds per-layer FP8 KV-cache scales (its quantization_config's kv_cache_scheme)."""
+        return self.quantization is not None and self.quantization.kv_cache_scales
+
     def is_moe_layer(self, layer_id: int) -> bool:
         return layer_id >= self.first_k_dense_replace
 

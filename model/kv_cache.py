@@ -4,19 +4,27 @@ The cache is held in the model dtype or, with ``--kv-cache-dtype fp8``, in float
 ``x / scale`` (its attention layer's ``k_scale``/``v_scale``, 1.0 unless a checkpoint sets them) and attention
 reads ``stored * scale`` back.
 """
+import logging
+
 import torch
 
 from model.config import ModelConfig
 from model.parallel import ParallelState
 
-KV_CACHE_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPES = ("auto", "model", "fp8")
 FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+logger = logging.getLogger(__name__)
 
 
-def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """"auto": the model dtype; "fp8": float8_e4m3fn."""
-    if name == "auto":
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, calibrated_scales: bool = False) -> torch.dtype:
+    """"auto": float8_e4m3fn for a checkpoint with calibrated KV-cache scales (a kv_cache_scheme), else the model
+    dtype; "model": the model dtype; "fp8": float8_e4m3fn."""
+    if name == "auto" and calibrated_scales:
+        logger.info("KV cache: float8_e4m3fn, as the checkpoint's kv_cache_scheme was calibrated for it "
+                    "(--kv-cache-dtype model keeps the model dtype)")
+        return FP8_KV_DTYPE
+    if name in ("auto", "model"):
         return model_dtype
     if name == "fp8":
         return FP8_KV_DTYPE

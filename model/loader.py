@@ -19,6 +19,7 @@ from model.config import ModelConfig
 from model.dots1 import Dots1ForCausalLM
 from model.fp8 import FP8_DTYPE
 from model.fp8_storage import deferred_projection_weights
+from model.kv_scales import KV_SCALE_KEY
 from model.linear import QuantizableProjection, can_pack_weights
 from model.moe import RoutedExperts
 from model.moe_backend import resolve_moe_backend
@@ -157,6 +158,10 @@ def _plan(targets: dict[str, WeightTarget], entries: dict[str, TensorEntry]) -> 
         if _IGNORED_KEYS.search(key):
             continue
         target = targets.get(key)
+        if target is None and KV_SCALE_KEY.search(key):
+            raise ValueError(f"{entry.file}: unexpected tensor {key!r}: a KV-cache scale, but config.json's "
+                             "quantization_config has no kv_cache_scheme (refusing to guess the cache it was "
+                             "calibrated for)")
         if target is None and key.endswith("_scale"):
             raise ValueError(f"{entry.file}: unexpected tensor {key!r}: a float8 scale for a weight this model keeps "
                              "in high precision (no quantization_config, or its ignore list or targets exclude it)")
@@ -174,6 +179,13 @@ def _plan(targets: dict[str, WeightTarget], entries: dict[str, TensorEntry]) -> 
         plan.append(key)
     required = dict.fromkeys(key for target in targets.values() for key in target.covers)
     missing = [key for key in required if key not in covered]
+    kv_scales = [key for key in missing if KV_SCALE_KEY.search(key)]
+    if kv_scales:
+        files = sorted({str(entry.file) for entry in entries.values()})
+        spelled = kv_scales[0].rpartition("_")[0] + "_proj.output_scale"
+        raise ValueError(f"{files}: quantization_config has a kv_cache_scheme, but the checkpoint has no "
+                         f"{kv_scales[0]!r} (nor {spelled!r})"
+                         + (f" ({len(kv_scales) - 1} more KV-cache scales missing)" if len(kv_scales) > 1 else ""))
     scales = [key for key in missing if key.endswith("_scale")]
     if scales:
         weight = scales[0].removesuffix("_scale")

@@ -1,7 +1,8 @@
 """Which weights are FP8 and how: a checkpoint's compressed-tensors ``quantization_config``, or ``--quantization fp8``.
 
 Only the float8 schemes this engine runs are accepted (llm-compressor's FP8 and FP8_DYNAMIC: e4m3 weights with one
-static scale per output channel or per tensor, activations quantized per token at run time or not at all);
+static scale per output channel or per tensor, activations quantized per token at run time or not at all), plus
+an optional static per-tensor float8 ``kv_cache_scheme`` (per-layer k_scale/v_scale, see ``model.kv_scales``);
 anything else in a quantization_config is refused with a ValueError that names it.
 """
 import re
@@ -26,6 +27,7 @@ class Fp8Scheme:
     ignore: tuple[str, ...] = ()  # module names and "re:" patterns left in high precision
     targets: tuple[str, ...] = ("Linear",)  # "Linear" or "re:" patterns of the modules quantized
     online: bool = False  # quantized while loading a high-precision checkpoint (--quantization fp8)
+    kv_cache_scales: bool = False  # kv_cache_scheme: per-layer static k_scale/v_scale for a float8 KV cache
 
     def quantizes(self, module_name: str) -> bool:
         """Whether the Linear module ``module_name`` (checkpoint naming) holds FP8 weights."""
@@ -70,9 +72,7 @@ def parse_quantization_config(raw: Any) -> Fp8Scheme | None:
     for key in ("sparsity_config", "transform_config"):
         if raw.get(key):
             raise ValueError(f"quantization_config {key} is not supported (got {raw[key]!r})")
-    if raw.get("kv_cache_scheme") is not None:
-        raise ValueError("quantization_config kv_cache_scheme (static KV-cache scales) is not supported; "
-                         "the FP8 KV cache is chosen with --kv-cache-dtype")
+    kv_cache_scales = _parse_kv_cache_scheme(raw.get("kv_cache_scheme"))
     ignore = raw.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(name, str) for name in ignore):
         raise ValueError(f"quantization_config ignore must be a list of module names, got {ignore!r}")
@@ -86,7 +86,32 @@ def parse_quantization_config(raw: Any) -> Fp8Scheme | None:
                          "for every quantized module is supported")
     [(strategy, dynamic)] = kinds
     targets = tuple(target for _, _, group_targets in schemes.values() for target in group_targets)
-    return Fp8Scheme(weight_strategy=strategy, dynamic_activations=dynamic, ignore=tuple(ignore), targets=targets)
+    return Fp8Scheme(weight_strategy=strategy, dynamic_activations=dynamic, ignore=tuple(ignore), targets=targets,
+                     kv_cache_scales=kv_cache_scales)
+
+
+def _parse_kv_cache_scheme(scheme: Any) -> bool:
+    """Whether the checkpoint carries static per-layer float8 KV-cache scales (the only kv_cache_scheme run)."""
+    if scheme is None:
+        return False
+    where = "quantization_config kv_cache_scheme"
+    if not isinstance(scheme, dict):
+        raise ValueError(f"{where} must be an object or null, got {scheme!r}")
+    unknown = sorted(set(scheme) - _WEIGHT_KEYS)
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {unknown}")
+    _require_float8(scheme, where)
+    strategy = scheme.get("strategy")
+    if strategy != "tensor":
+        raise ValueError(f"{where} strategy {strategy!r} is not supported (only 'tensor': one k_scale and one "
+                         "v_scale per layer)")
+    if scheme.get("dynamic", False):
+        raise ValueError(f"{where}: dynamic KV-cache scales are not supported (only static per-layer scales from "
+                         "the checkpoint)")
+    for key in ("group_size", "block_structure", "actorder"):
+        if scheme.get(key):
+            raise ValueError(f"{where} {key} {scheme[key]!r} is not supported")
+    return True
 
 
 def _refuse_format(value: Any, where: str) -> None:

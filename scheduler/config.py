@@ -21,7 +21,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
     attention_backend: str = "auto"  # torch, triton, or auto: triton on CUDA if its start-up self-check passes
-    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: float8_e4m3fn keys and values with per-layer scales
+    kv_cache_dtype: str = "auto"  # auto: fp8 if the checkpoint has KV scales, else model; model; fp8 (e4m3)
     enforce_eager: bool = False  # never capture or replay CUDA graphs for decode steps
     expert_metrics: bool = True  # count token-expert assignments on device for the metrics
     moe_backend: str = "auto"  # routed experts: auto (triton on CUDA, else torch), torch or triton

@@ -61,11 +61,12 @@ class InprocClient:
         with self._condition:
             while not (self._inbox or self._closed or self.core.has_unfinished()):
                 self._condition.wait()
-            if self._closed:
-                final, self._final = self._final, None
-                return final
-            inbox, self._inbox = self._inbox, []
         with self._step_lock:
+            with self._condition:
+                if self._closed:  # shut down meanwhile: its aborts are the last outputs
+                    final, self._final = self._final, None
+                    return final
+                inbox, self._inbox = self._inbox, []
             for item in inbox:
                 if isinstance(item, EngineCoreRequest):
                     self.core.add_request(item)

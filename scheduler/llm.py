@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from model.embedded import EMBEDDED_MODEL_DIR
 from scheduler.config import EngineConfig
 from scheduler.core_client import InprocClient, MultiprocessClient
-from scheduler.core_messages import EngineCoreRequest
+from scheduler.core_messages import EngineCoreRequest, FinishChoice
 from scheduler.output_processor import OutputProcessor
 from scheduler.outputs import RequestOutput, TokenLogprob
 from scheduler.request_check import check_request
@@ -77,6 +77,9 @@ class LLM:
                     for ids, p in zip(prompt_ids, params_list)]
         for p in resolved:
             check_constraint(self.grammar_compiler, p)
+        for request_id in list(self.processor.requests):  # left by an interrupted call
+            self.processor.remove(request_id)
+            self.client.finish_choices([FinishChoice(request_id, None, "abort")])
         results: dict[str, GenerationResult] = {}
         for ids, p in zip(prompt_ids, resolved):
             request_id = f"offline-{next(self._request_ids)}"
@@ -87,7 +90,7 @@ class LLM:
             outputs, to_finish = self.processor.process(self.client.get_outputs())
             self.client.finish_choices(to_finish)
             for output in outputs:
-                _accumulate(results[output.request_id], output)
+                _accumulate(results[output.request_id], output)  # the processor knows only this call's requests
         return list(results.values())
 
     def shutdown(self) -> None:

@@ -44,7 +44,8 @@ class ModelExecutor:
         self.block_size = config.block_size
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype,
+                                                     self.model_config.has_kv_cache_scales)
         self.model = load_model(
             config.model, dtype=self.dtype, device=self.device, load_format=config.load_format,
             parallel=self.parallel, expert_metrics=config.expert_metrics if expert_metrics is None else expert_metrics,

@@ -72,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="fraction of free GPU memory for the KV cache after loading the weights")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                        help="auto: the model dtype; fp8: float8 e4m3 keys and values (twice the tokens per byte)")
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "model", "fp8"],
+                        help="auto: fp8 for a checkpoint with calibrated KV-cache scales (kv_cache_scheme), else the "
+                        "model dtype; model: the model dtype; fp8: float8 e4m3 keys and values (twice the tokens "
+                        "per byte)")
     engine.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                         help="auto: triton paged kernels on CUDA, torch elsewhere; triton falls back to torch if its "
                         "start-up self-check fails")

@@ -1,6 +1,7 @@
-"""Serving with --attention-backend triton (Triton's interpreter on the CPU): the greedy tokens of Transformers."""
+"""Serving with the Triton attention and MoE backends (Triton's interpreter on the CPU): Transformers' greedy tokens."""
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 import torch
@@ -16,7 +17,8 @@ MAX_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def triton_server() -> Iterator[ServerProcess]:
-    with ServerProcess("--attention-backend", "triton", env={"TRITON_INTERPRET": "1"}) as process:
+    with ServerProcess("--attention-backend", "triton", "--moe-backend", "triton",
+                       env={"TRITON_INTERPRET": "1"}) as process:
         yield process
 
 
@@ -34,6 +36,8 @@ def transformers_greedy(prompts: list[list[int]]) -> list[list[int]]:
 
 def test_greedy_completions_match_transformers(triton_server: ServerProcess) -> None:
     assert "attention backend triton" in triton_server.log_text()
+    metrics = httpx.get(f"{triton_server.url}/metrics", timeout=30).text
+    assert 'attention_backend="triton"' in metrics and 'moe_backend="triton"' in metrics
     client = openai.OpenAI(base_url=f"{triton_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
     response = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=MAX_TOKENS, temperature=0.0,
                                          extra_body={"return_token_ids": True, "ignore_eos": True})
