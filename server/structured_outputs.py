@@ -1,8 +1,8 @@
 """``response_format`` (OpenAI) and ``structured_outputs`` (vLLM's extension) as an engine constraint.
 
 The constraint is compiled here, in a worker thread, so that an invalid schema (or one using a feature the grammar
-backend cannot enforce) is answered with a 400 naming it before the request is queued; the engine then finds the
-compiled grammar in the shared cache.
+backend cannot enforce) is answered with a 400 naming it before the request is queued; the engine core compiles it
+again into its own cache (it runs in its own process).
 """
 import asyncio
 import json

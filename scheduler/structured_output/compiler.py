@@ -1,7 +1,8 @@
 """Compiles constraints through a backend, with a cache keyed by the constraint: a repeated schema costs nothing.
 
-Shared by the front end (which compiles in a worker thread, to answer an invalid schema with a 400 before the
-request is queued) and the engine (which then finds it compiled). Failures are cached too.
+The front end holds one (it compiles in a worker thread, to answer an invalid schema with a 400 before the request
+is sent) and the engine core another, in its own process; in-process they are the same object (``front_end_compiler``).
+Failures are cached too.
 """
 import threading
 from collections import OrderedDict
