@@ -85,7 +85,7 @@ class InprocClient:
                 final = self.core.step()
             except Exception:  # a broken core must still release the model
                 logger.exception("aborting the requests left at shutdown failed")
-            self.core.executor.shutdown()
+            self.core.close()
             with self._condition:
                 self._final = final
                 self._closed = True

@@ -31,6 +31,7 @@ class ChoiceDelta(msgspec.Struct, array_like=True):
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" (a stop token, the last of token_ids), "length", "abort", "error"
     stop_reason: int | None = None  # the stop token id when it was one of the request's stop_token_ids
+    grammar_end: bool = False  # "stop" because the last token completed the grammar: that token is text
 
 
 class CoreRequestOutput(msgspec.Struct, array_like=True):

@@ -81,7 +81,7 @@ class EngineLoop:
                     self._apply_within(IDLE_RETRY_S)
             self.core.abort_all()
             self.outbox.put((OUTPUTS, self.core.step()))
-            self.core.executor.shutdown()
+            self.core.close()
             return self._finish(EXIT_OK)
         except BaseException as error:
             reason = f"the engine core failed: {error}"

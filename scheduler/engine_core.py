@@ -25,6 +25,9 @@ from scheduler.scheduler import Scheduler, SchedulerOutput
 from scheduler.sequence import Sequence
 from scheduler.stats import RequestStats, StepStats
 from scheduler.step_plan import StepPlan, plan_step
+from scheduler.structured_output.factory import create_structured_output
+from scheduler.structured_output.manager import PendingMasks
+from scheduler.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ class EngineCore:
             cuda_graphs=self.executor.cuda_graphs,
             sampling_defaults={k: float(v) for k, v in self.generation_defaults.sampling.items()},
             eos_token_ids=list(self.generation_defaults.eos_token_ids),
+        )
+        # Grammar matchers and masks; llguidance reads the vocabulary from the checkpoint's own tokenizer.
+        self.structured_output = create_structured_output(
+            load_tokenizer(config.model), self.model_config.vocab_size, self.generation_defaults.eos_token_ids
         )
         self._requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -112,11 +119,17 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.abort_all()
+        self.close()
+
+    def close(self) -> None:
+        """Releases the model and the mask worker (after the last step)."""
+        self.structured_output.shutdown()
         self.executor.shutdown()
 
     def _run(self, sched: SchedulerOutput) -> list[CoreRequestOutput]:
         plan = plan_step(sched.scheduled, self.block_manager.block_size)
         try:
+            masks = self.structured_output.start_filling(plan.sample_seqs)  # on the CPU while the forward runs
             logits = self.executor.execute(plan.batch)  # [L, V]
         except EngineDeadError:  # the executor cannot run again (a tensor-parallel rank is gone)
             raise
@@ -128,18 +141,27 @@ class EngineCore:
         self.scheduler.finish_step(sched)
         failed: dict[str, str] = {}
         self._record_prompt_logprobs(plan, logits, failed)
-        sampled = self._sample(plan, logits, failed)
+        sampled = self._sample(plan, logits, masks, failed)
         return self._apply_samples(plan.sample_seqs, sampled, failed)
 
-    def _sample(self, plan: StepPlan, logits: torch.Tensor, failed: dict[str, str]) -> SamplerOutput | None:
+    def _sample(
+        self, plan: StepPlan, logits: torch.Tensor, masks: PendingMasks | None, failed: dict[str, str]
+    ) -> SamplerOutput | None:
         """The step's one sampling point: logits rows of ``plan.sample_seqs`` -> one token each.
 
-        A batch that fails to sample is sampled again row by row, so that only the requests whose rows fail do.
+        Grammar masks apply first (logprobs are those of the masked logits). A batch that fails to sample is
+        sampled again row by row, so that only the requests whose rows fail do.
         """
         if not plan.sample_seqs:
             return None
         all_rows = len(plan.sample_rows) == logits.shape[0]  # every row samples, in order (decode steps)
         rows = logits if all_rows else logits[plan.sample_rows]  # [B, V]
+        try:
+            self.structured_output.apply(masks, rows)
+        except Exception as error:  # the constrained requests fail; the others sample as usual
+            logger.exception("applying the grammar masks failed")
+            for row in masks.rows:
+                failed.setdefault(plan.sample_seqs[row].request_id, f"grammar masks failed: {error!r}")
         try:
             return self.sampler.sample(rows, plan.sample_seqs)
         except Exception:
@@ -186,6 +208,8 @@ class EngineCore:
 
     def _postprocess(self, request: Request, seq: Sequence, token_id: int, logprob, now: float) -> ChoiceDelta:
         delta = request.append_token(seq, token_id, logprob)
+        if self.structured_output.advance(seq, token_id) and delta.finish_reason is None:
+            request.end_with_grammar(delta)  # the grammar is complete: its last token is text, the choice stops
         request.stats.generation_tokens += 1
         request.stats.token_times.append(now)
         if request.stats.first_token_time is None:
@@ -204,6 +228,7 @@ class EngineCore:
         prompt = list(core_request.prompt_token_ids)
         resolved = check_request(prompt, core_request.params, self.info.vocab_size, self.max_model_len,
                                  self.info.sampling_defaults)
+        self.structured_output.check(resolved)  # compiles the constraint into this process's cache
         stop_token_ids = set(resolved.stop_token_ids)
         if not resolved.ignore_eos:
             stop_token_ids.update(self.generation_defaults.eos_token_ids)
@@ -267,6 +292,7 @@ class EngineCore:
 
     def _finalize(self, request: Request) -> None:
         del self._requests[request.request_id]
+        self.structured_output.release(request.seqs)
         stats = request.stats
         stats.finished_time = time.monotonic()
         stats.finish_reason = next((r for r in ("error", "abort") if r in request.finish_reasons), request.finish_reasons[0])

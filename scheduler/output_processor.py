@@ -42,7 +42,7 @@ class RequestState:
         if self.finish_reasons[index] is not None:
             return None
         detokenizer = self.detokenizers[index]
-        stop_token = choice.finish_reason == "stop"
+        stop_token = choice.finish_reason == "stop" and not choice.grammar_end
         feed = choice.token_ids[:-1] if stop_token else choice.token_ids
         delta = CompletionDelta(index, "", list(choice.token_ids), choice.logprobs, choice.finish_reason,
                                 choice.stop_reason)

@@ -50,6 +50,12 @@ class Request:
             self.finish_reasons[seq.index] = delta.finish_reason
         return delta
 
+    def end_with_grammar(self, delta: ChoiceDelta) -> None:
+        """Ends the choice of ``delta`` (its last token completed the request's grammar) with "stop"."""
+        delta.finish_reason = "stop"
+        delta.grammar_end = True
+        self.finish_reasons[delta.index] = "stop"
+
     def end_choice(self, index: int, reason: str) -> ChoiceDelta | None:
         if self.finish_reasons[index] is not None:
             return None

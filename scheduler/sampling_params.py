@@ -1,6 +1,8 @@
 """Per-request sampling and stopping parameters, validated before a request enters the engine."""
 from dataclasses import dataclass, field, replace
 
+from scheduler.structured_output.spec import KINDS, StructuredOutputSpec
+
 
 class InvalidParameterError(ValueError):
     """A sampling parameter outside its valid range; ``param`` names it as the API spells it."""
@@ -37,6 +39,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's logprob plus the top k
     prompt_logprobs: int | None = None  # None: none; k >= 0: every prompt token's logprob plus the top k
+    structured_output: StructuredOutputSpec | None = None  # a grammar every output token must follow
 
     def with_defaults(self, defaults: dict[str, float | int]) -> "SamplingParams":
         """Fills unset fields from ``defaults`` (generation_config names), then from the OpenAI defaults."""
@@ -91,6 +94,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= max_logprobs:
                 raise InvalidParameterError(name, f"{name} must be between 0 and {max_logprobs}, got {value}")
+        if self.structured_output is not None and self.structured_output.kind not in KINDS:
+            raise InvalidParameterError("response_format", f"unknown constraint kind {self.structured_output.kind!r}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             raise InvalidParameterError("seed", "seed must fit in a signed 64-bit integer")
 

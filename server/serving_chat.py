@@ -1,10 +1,14 @@
 """POST /v1/chat/completions."""
+import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from scheduler.async_engine import AsyncEngine
 from scheduler.outputs import TokenLogprob
+from scheduler.structured_output.spec import StructuredOutputSpec
 from server.admission import Ticket
+from server.chat_output import ChoiceOutput
 from server.errors import invalid_request
 from server.generation import GenerationInput, generate
 from server.logprobs import chat_logprobs
@@ -13,7 +17,8 @@ from server.request_log import RequestRecord
 from server.sampling import build_sampling_params, check_prompts
 from server.serving import GenerationRoute, usage
 from server.streaming import DONE_EVENT, ChunkEncoder
-from server.unsupported import reject_unsupported_chat
+from server.structured_outputs import compile_or_400, request_spec
+from server.tools import ToolSetup, parse_tools, tool_call_spec
 
 
 class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
@@ -22,7 +27,6 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
     request_model = ChatCompletionRequest
 
     async def prepare(self, body: ChatCompletionRequest, engine: AsyncEngine, record: RequestRecord) -> GenerationInput:
-        reject_unsupported_chat(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid_request("top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens, max_tokens_param = body.completion_token_limit()
@@ -30,14 +34,35 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
             body, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             prompt_logprobs=None,
         )
+        tools = parse_tools(body)
+        constraint = await self.constraint(body, tools, engine)
+        params = replace(params, structured_output=constraint)
         prompt = await self.state.tokenization.chat_prompt(
-            body.messages, body.add_generation_prompt, body.continue_final_message
+            body.messages, body.add_generation_prompt, body.continue_final_message, tools.template_tools()
         )
         [params] = check_prompts(engine, [prompt.token_ids], params,
                                  {"max_tokens": max_tokens_param, "logprobs": "top_logprobs", "prompt": "messages"})
         record.prompt_tokens = len(prompt.token_ids)
         record.prompt_text = prompt.text
         return GenerationInput(record.completion_id, [prompt], [params], record.arrival_time)
+
+    async def constraint(
+        self, body: ChatCompletionRequest, tools: ToolSetup, engine: AsyncEngine
+    ) -> StructuredOutputSpec | None:
+        """The grammar of the answer: response_format / structured_outputs, or the tool calls; compiled (400 if it
+        cannot be enforced) off the event loop."""
+        spec, param = request_spec(body.response_format, body.structured_outputs)
+        tool_spec = tool_call_spec(tools)
+        if spec is not None and tool_spec is not None:
+            raise invalid_request(f"{param} cannot be combined with tool calls; set tool_choice to 'none'", param=param)
+        if tool_spec is None:
+            await compile_or_400(engine.grammar_compiler, spec, param)
+            return spec
+        for tool in tools.allowed:  # each on its own first, so that an error names the tool
+            parameters = StructuredOutputSpec("json_schema", json.dumps(tool.parameters))
+            await compile_or_400(engine.grammar_compiler, parameters, tool.param)
+        await compile_or_400(engine.grammar_compiler, tool_spec, "tools")
+        return tool_spec
 
     def logprobs(self, body: ChatCompletionRequest, entries: list[TokenLogprob] | None) -> dict | None:
         if not body.logprobs:
@@ -52,6 +77,8 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
                   "model": self.config.model_name}
         chunks = ChunkEncoder(header, with_usage=body.include_usage or body.continuous_usage_stats)
         cached_tokens = 0
+        setup = parse_tools(body)
+        outputs = [ChoiceOutput(setup) for _ in range(body.n)]
 
         def running_usage() -> dict | None:
             if not body.continuous_usage_stats:
@@ -69,15 +96,26 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
             events = []
             for delta in update.deltas:
                 record.saw_tokens(len(delta.token_ids))
-                if delta.text or delta.token_ids:
-                    choice = {"index": delta.index, "delta": {"content": delta.text},
+                output = outputs[delta.index]
+                content, tool_deltas = output.feed(delta.text)
+                if delta.finish_reason is not None:
+                    rest, more_deltas = output.finish()
+                    content, tool_deltas = content + rest, tool_deltas + more_deltas
+                if content and tool_deltas:
+                    choice = {"index": delta.index, "delta": {"content": content}, "logprobs": None,
+                              "finish_reason": None}
+                    events.append(chunks.event(choice, running_usage()))
+                    content = ""
+                if content or tool_deltas or delta.token_ids:
+                    choice = {"index": delta.index, "delta": output.delta(content, tool_deltas),
                               "logprobs": self.logprobs(body, delta.logprobs), "finish_reason": None}
                     if body.return_token_ids:
                         choice["token_ids"] = delta.token_ids
                     events.append(chunks.event(choice, running_usage()))
                 if delta.finish_reason is not None:
                     record.finish_reasons.append(delta.finish_reason)
-                    finish = {"index": delta.index, "delta": {}, "logprobs": None, "finish_reason": delta.finish_reason}
+                    finish = {"index": delta.index, "delta": {}, "logprobs": None,
+                              "finish_reason": output.finish_reason(delta.finish_reason)}
                     events.append(chunks.event(finish, running_usage()))
             if events:
                 yield b"".join(events)
@@ -105,13 +143,15 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
                 if delta.finish_reason is not None:
                     finish_reasons[delta.index] = delta.finish_reason
                     record.finish_reasons.append(delta.finish_reason)
+        setup = parse_tools(body)
         choices = []
         for index in range(body.n):
+            output = ChoiceOutput(setup)
             choice = {
                 "index": index,
-                "message": {"role": "assistant", "content": "".join(texts[index]), "refusal": None},
+                "message": output.message("".join(texts[index])),
                 "logprobs": self.logprobs(body, entries[index]),
-                "finish_reason": finish_reasons[index],
+                "finish_reason": output.finish_reason(finish_reasons[index]),
             }
             if body.return_token_ids:
                 choice["token_ids"] = token_ids[index]

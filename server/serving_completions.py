@@ -1,6 +1,7 @@
 """POST /v1/completions: prompts as text, text lists, token ids or token-id lists; echo; legacy logprobs."""
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from scheduler.async_engine import AsyncEngine
 from scheduler.outputs import CompletionDelta, TokenLogprob
@@ -12,6 +13,7 @@ from server.request_log import RequestRecord
 from server.sampling import build_sampling_params, check_num_sequences, check_prompts
 from server.serving import GenerationRoute, usage
 from server.streaming import DONE_EVENT, ChunkEncoder, sse_event
+from server.structured_outputs import compile_or_400, request_spec
 from server.unsupported import reject_unsupported_completion
 
 
@@ -77,6 +79,9 @@ class Completions(GenerationRoute[CompletionRequest]):
             body, max_tokens=body.max_tokens, logprobs=body.logprobs,
             prompt_logprobs=body.logprobs if body.echo else None,
         )
+        spec, spec_param = request_spec(body.response_format, body.structured_outputs)
+        await compile_or_400(engine.grammar_compiler, spec, spec_param)
+        params = replace(params, structured_output=spec)
         prompts = await self.state.tokenization.completion_prompts(body.prompt)
         per_prompt = check_prompts(engine, [prompt.token_ids for prompt in prompts], params,
                                    {"prompt_logprobs": "logprobs"})

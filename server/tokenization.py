@@ -4,6 +4,7 @@ The token ids of a prompt are checked by the engine's request check, with every 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -46,15 +47,19 @@ class Tokenization:
         return await self.run(len(token_ids) * 4, self.tokenizer.decode, token_ids)
 
     async def render_chat(
-        self, messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool
+        self, messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         size = sum(len(message.text()) for message in messages)
-        return await self.run(size, self.renderer.render, messages, add_generation_prompt, continue_final_message)
+        return await self.run(
+            size, self.renderer.render, messages, add_generation_prompt, continue_final_message, tools
+        )
 
     async def chat_prompt(
-        self, messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool
+        self, messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> PromptInput:
-        text = await self.render_chat(messages, add_generation_prompt, continue_final_message)
+        text = await self.render_chat(messages, add_generation_prompt, continue_final_message, tools)
         # The template already wrote every special token the model expects.
         token_ids = await self.encode(text, add_special_tokens=False)
         return PromptInput(token_ids=token_ids, text=text)

@@ -5,7 +5,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from server.protocol.common import SamplingRequest
 
-Role = Literal["system", "developer", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
@@ -16,6 +31,9 @@ class ChatMessage(BaseModel):
     role: Role
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    function_call: FunctionCall | None = None  # assistant messages, legacy
+    tool_call_id: str | None = None  # tool messages
 
     @field_validator("content")
     @classmethod
@@ -33,7 +51,21 @@ class ChatMessage(BaseModel):
     def content_present(self) -> "ChatMessage":
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.role == "function" and self.name is None:
+            raise ValueError("a function message needs the name of the function")
+        if (self.tool_calls or self.function_call) and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls or function_call")
+        if self.function_call is not None:
+            if self.tool_calls:
+                raise ValueError("give tool_calls or function_call, not both")
+            self.tool_calls = [ToolCall(id=f"call_{self.function_call.name}", function=self.function_call)]
+            self.function_call = None
         return self
+
+    def uses_tools(self) -> bool:
+        return bool(self.tool_calls) or self.role in ("tool", "function")
 
     def text(self) -> str:
         if self.content is None:
@@ -43,7 +75,7 @@ class ChatMessage(BaseModel):
         return "\n".join(part["text"] for part in self.content)
 
     def template_role(self) -> str:
-        return "system" if self.role == "developer" else self.role
+        return {"developer": "system", "function": "tool"}.get(self.role, self.role)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -51,13 +83,14 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # Accepted so that we can refuse them clearly rather than silently ignore them.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    functions: list[dict[str, Any]] | None = None  # legacy: mapped onto tools
+    function_call: str | dict[str, Any] | None = None  # legacy: mapped onto tool_choice
     response_format: dict[str, Any] | None = None
     # Extensions.
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: json, regex, choice, grammar (Lark), json_object
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 

@@ -11,8 +11,10 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = 16  # OpenAI's default for this endpoint
     logprobs: int | None = None
     echo: bool = False
+    response_format: dict[str, Any] | None = None
     # Accepted so that we can refuse them clearly rather than silently ignore them.
     suffix: str | None = None
     best_of: int | None = None
-    response_format: dict[str, Any] | None = None
+    # Extensions.
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: json, regex, choice, grammar (Lark), json_object
 

@@ -33,7 +33,8 @@ CASES = {
     "missing messages": (CHAT, json.dumps({"model": MODEL}).encode(), 400, "messages", None),
     "empty messages": (CHAT, chat_body(messages=[]), 400, "messages", None),
     "unknown role": (CHAT, chat_body(messages=[{"role": "wizard", "content": "x"}]), 400, "messages[0].role", None),
-    "tool role": (CHAT, chat_body(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role", None),
+    "tool message without tool_call_id": (CHAT, chat_body(messages=[{"role": "tool", "content": "x"}]), 400,
+                                         "messages[0]", None),
     "user without content": (CHAT, chat_body(messages=[{"role": "user"}]), 400, "messages[0]", None),
     "image part": (CHAT, chat_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "http://x/y.png"}}]}]), 400, "messages[0].content", None),
@@ -58,9 +59,9 @@ CASES = {
     "min_tokens over max_tokens": (CHAT, chat_body(min_tokens=10), 400, "min_tokens", None),
     "min_tokens over the context": (CHAT, chat_body(min_tokens=3000, max_tokens=None, stream=True), 400, "min_tokens",
                                     None),
-    "tools": (CHAT, chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", None),
-    "tool_choice required": (CHAT, chat_body(tool_choice="required"), 400, "tool_choice", None),
-    "json response_format": (CHAT, chat_body(response_format={"type": "json_object"}), 400, "response_format", None),
+    "tool_choice required without tools": (CHAT, chat_body(tool_choice="required"), 400, "tool_choice", None),
+    "invalid response_format schema": (CHAT, chat_body(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}), 400, "response_format", "invalid_constraint"),
     "stream_options without stream": (CHAT, chat_body(stream_options={"include_usage": True}), 400,
                                       "stream_options", None),
     "continue_final_message after a user turn": (CHAT, chat_body(continue_final_message=True,
