@@ -1,14 +1,12 @@
 """The FP8 presets' memory arithmetic, recomputed on the meta device from the real architecture with the published
 FP8-dynamic quantization_config: float8 weights per rank, KV per token per rank, tokens that fit, the reserve."""
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from test_tp_presets import GIB, RUNTIME_OVERHEAD, stated
+from test_tp_presets import GIB, check_kv_cache_and_reserve, stated
 
 from model.config import ModelConfig
-from model.kv_cache import kv_cache_bytes_per_block
 from model.loader import build_model
 from model.parallel import ParallelState
 from server.cli import engine_config, parse_args
@@ -49,17 +47,4 @@ def test_fp8_preset_memory_plan_matches_the_architecture_and_fits_the_card(prese
     assert max(weights) - min(weights) < GIB // 100
     assert round(max(weights) / GIB, 2) == stated(text, "weights per rank")
 
-    kv_per_token = kv_cache_bytes_per_block(config, 1, torch.bfloat16, ParallelState(0, world_size))
-    assert kv_per_token == stated(text, "KV bytes per token per rank")
-    tokens = engine.kv_cache_memory // (kv_per_token * engine.block_size) * engine.block_size
-    assert tokens == stated(text, "KV cache tokens per rank")
-    assert tokens >= 3 * engine.max_model_len  # several sequences of the full context fit
-
-    reserve = stated(text, "reserve") * GIB
-    decode_gather = engine.max_num_seqs * engine.max_model_len * kv_per_token // config.num_hidden_layers
-    assert decode_gather + RUNTIME_OVERHEAD <= reserve
-    card = stated(text, "card memory") * GIB
-    assert max(weights) + engine.kv_cache_memory + reserve <= card
-    total = re.search(r"weights \+ KV \+ reserve = ([\d.]+) GiB", text)
-    assert total is not None
-    assert float(total.group(1)) == round((max(weights) + engine.kv_cache_memory + reserve) / GIB, 2)
+    check_kv_cache_and_reserve(text, config, engine, max(weights), min_full_contexts=3)

@@ -52,12 +52,19 @@ def test_preset_memory_plan_matches_the_architecture_and_fits_the_card(preset):
     whole_model = weight_bytes_per_rank(config, 1, torch.bfloat16)[0]
     assert max(weights) < 1.01 * whole_model / world_size  # only norms and the router are replicated
 
+    check_kv_cache_and_reserve(text, config, engine, max(weights), min_full_contexts=1)
+
+
+def check_kv_cache_and_reserve(text: str, config: ModelConfig, engine, weights_per_rank: int,
+                               min_full_contexts: int) -> None:
+    """The preset's KV tokens, reserve and total per rank, recomputed from the architecture and its engine flags."""
+    world_size = engine.tensor_parallel_size
     kv_per_token = kv_cache_bytes_per_block(config, 1, torch.bfloat16, ParallelState(0, world_size))
     assert kv_per_token == stated(text, "KV bytes per token per rank")
     num_blocks = engine.kv_cache_memory // (kv_per_token * engine.block_size)
     tokens = num_blocks * engine.block_size
     assert tokens == stated(text, "KV cache tokens per rank")
-    assert tokens >= engine.max_model_len  # at least one sequence of the full context fits
+    assert tokens >= min_full_contexts * engine.max_model_len  # that many sequences of the full context fit
 
     reserve = stated(text, "reserve") * GIB
     # The largest transient: a decode step gathering K and V of one layer for max_num_seqs sequences padded to
@@ -65,7 +72,7 @@ def test_preset_memory_plan_matches_the_architecture_and_fits_the_card(preset):
     decode_gather = engine.max_num_seqs * engine.max_model_len * kv_per_token // config.num_hidden_layers
     assert decode_gather + RUNTIME_OVERHEAD <= reserve
     card = stated(text, "card memory") * GIB
-    assert max(weights) + engine.kv_cache_memory + reserve <= card
+    assert weights_per_rank + engine.kv_cache_memory + reserve <= card
     total = re.search(r"weights \+ KV \+ reserve = ([\d.]+) GiB", text)
     assert total is not None
-    assert float(total.group(1)) == round((max(weights) + engine.kv_cache_memory + reserve) / GIB, 2)
+    assert float(total.group(1)) == round((weights_per_rank + engine.kv_cache_memory + reserve) / GIB, 2)
