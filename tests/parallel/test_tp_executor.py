@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from process_table import child_pids
 from tp_checkpoint import PagedDriver, build_checkpoint, chunked_greedy_run
 
 from model.forward_batch import ForwardBatch
@@ -132,30 +133,15 @@ def test_a_failed_step_is_final_and_ends_the_worker(checkpoint):
 
 def test_a_shape_that_does_not_split_is_refused_and_leaves_no_worker(checkpoint):
     model_dir, _ = checkpoint
-    children_before = set(_child_pids())
+    children_before = set(child_pids(os.getpid()))
     with pytest.raises(Exception, match="not divisible by the tensor-parallel world size"):
         ParallelExecutor(engine_config(model_dir, tensor_parallel_size=3))
-    assert set(_child_pids()) - children_before <= _resource_trackers()
-
-
-def _child_pids() -> list[int]:
-    me = str(os.getpid())
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[1] == me:
-                children.append(int(entry))
-    return children
+    assert set(child_pids(os.getpid())) - children_before <= _resource_trackers()
 
 
 def _resource_trackers() -> set[int]:
     trackers = set()
-    for pid in _child_pids():
+    for pid in child_pids(os.getpid()):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
                 if b"resource_tracker" in cmdline.read():

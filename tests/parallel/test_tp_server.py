@@ -6,7 +6,8 @@ import subprocess
 
 import openai
 import pytest
-from tp_server import TensorParallelServer, is_running, parent_pid, wait_until
+from process_table import is_running, parent_pid
+from tp_server import TensorParallelServer, wait_until
 
 DEADLINE_S = 30.0  # generous: the watchdog polls every 0.2 s
 

@@ -10,6 +10,7 @@ import httpx
 from api_server import ServerProcess, wait_for
 from conftest import MODEL
 from openai_schema import validate
+from process_table import descendants, is_running
 from sse_events import DONE, parse_events
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
@@ -41,27 +42,6 @@ class Stream:
     def finish_reasons(self) -> list[str]:
         return [c["finish_reason"] for e in self.events if e != DONE and "choices" in e for c in e["choices"]
                 if c["finish_reason"]]
-
-
-def descendants(pid: int) -> set[int]:
-    children = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        children.add(int(entry))
-            except OSError:
-                continue
-    return children | {grandchild for child in children for grandchild in descendants(child)}
-
-
-def is_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_killed_engine_ends_every_stream_with_an_error_and_the_server_exits_nonzero() -> None:
