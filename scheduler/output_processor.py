@@ -60,6 +60,15 @@ class RequestState:
             self.finish_reasons[index] = delta.finish_reason
         return delta
 
+    def end_unfinished_with_error(self) -> list[CompletionDelta]:
+        """Ends every choice still open with finish reason "error"; their (empty) closing deltas."""
+        deltas = []
+        for index, reason in enumerate(self.finish_reasons):
+            if reason is None:
+                self.finish_reasons[index] = "error"
+                deltas.append(CompletionDelta(index, "", [], finish_reason="error"))
+        return deltas
+
 
 class OutputProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stats_listener: StatsListener | None = None) -> None:
@@ -121,20 +130,13 @@ class OutputProcessor:
             if delta.finish_reason == "stop" and choice.finish_reason is None:
                 to_finish.append(FinishChoice(state.request_id, delta.index, "stop"))
         if output.error is not None:  # the core ended every choice it still had
-            for index, reason in enumerate(state.finish_reasons):
-                if reason is None:
-                    state.finish_reasons[index] = "error"
-                    deltas.append(CompletionDelta(index, "", [], finish_reason="error"))
+            deltas += state.end_unfinished_with_error()
         return RequestOutput(state.request_id, state.prompt_token_ids, deltas, state.is_finished,
                              output.num_cached_tokens, output.prompt_logprobs, output.error)
 
     def _fail(self, state: RequestState, message: str) -> RequestOutput:
-        deltas = []
-        for index, reason in enumerate(state.finish_reasons):
-            if reason is None:
-                state.finish_reasons[index] = "error"
-                deltas.append(CompletionDelta(index, "", [], finish_reason="error"))
-        return RequestOutput(state.request_id, state.prompt_token_ids, deltas, True, error=message)
+        return RequestOutput(state.request_id, state.prompt_token_ids, state.end_unfinished_with_error(), True,
+                             error=message)
 
     def _report_stats(self, outputs: EngineCoreOutputs) -> None:
         listener = self.stats_listener
