@@ -3,7 +3,8 @@
 Order of operations on the logits: logit_bias, min_tokens bans, penalties; then greedy rows take the argmax and the
 other rows go through temperature, top-k, top-p, min-p and an exponential race (argmax of p / Exp(1) noise, which
 draws token i with probability p_i). Seeded rows draw their noise from their own generator, so a seeded request gets
-the same tokens whatever else is in the batch. Logprobs always come from the raw model logits.
+the same tokens whatever else is in the batch. Logprobs come from the logits as handed in: the model's, after
+any grammar mask, before bias, bans and penalties.
 
 Every per-request tensor (bias, bans, penalty counts, generator) lives on the sequence's ``SamplingState``, built at
 admission. Decisions use host-side parameters only: the one device-to-host copy is the sampled tokens (and one more
