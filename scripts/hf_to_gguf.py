@@ -207,8 +207,15 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None
     special.add_to_gguf(writer, quiet=True)
 
 
+def value_type(value: Any) -> gguf.GGUFValueType:
+    """GGUF's usual type for a new key's value: ids and counts are UINT32 (llama.cpp reads them so), floats FLOAT32."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return gguf.GGUFValueType.UINT32 if value >= 0 else gguf.GGUFValueType.INT32
+    return gguf.GGUFValueType.get_type(value)
+
+
 def apply_overrides(writer: gguf.GGUFWriter, overrides: dict[str, Any]) -> None:
-    """Replaces (keeping the written type), adds (type from the Python value) or, for None, drops metadata keys."""
+    """Replaces (keeping the written type), adds (see value_type) or, for None, drops metadata keys."""
     kv = writer.kv_data[0]
     for key, value in overrides.items():
         if value is None:
@@ -216,7 +223,7 @@ def apply_overrides(writer: gguf.GGUFWriter, overrides: dict[str, Any]) -> None:
         elif key in kv:
             kv[key] = gguf.GGUFValue(value, kv[key].type, kv[key].sub_type)
         else:
-            kv[key] = gguf.GGUFValue(value, gguf.GGUFValueType.get_type(value))
+            kv[key] = gguf.GGUFValue(value, value_type(value))
 
 
 def write_dots1_gguf(model_dir: Path, out: Path, tensor_type: str = "F32",

@@ -67,7 +67,9 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, path: str) -> PreTrainedTokeniz
 
 def ignored_bos_token_id(reader: gguf.GGUFReader) -> int | None:
     """The BOS id the file declares, which the tokenizer never uses (for the loader to log); None if none."""
-    return metadata(reader, gguf.Keys.Tokenizer.BOS_ID)
+    token_id = metadata(reader, gguf.Keys.Tokenizer.BOS_ID)
+    vocab_size = len(reader.get_field(gguf.Keys.Tokenizer.LIST).data)
+    return token_id if token_id is not None and 0 <= token_id < vocab_size else None
 
 
 def gguf_eos_token_ids(reader: gguf.GGUFReader) -> list[int]:

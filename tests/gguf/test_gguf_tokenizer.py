@@ -113,6 +113,7 @@ def test_declared_bos_is_ignored_and_reported(tmp_path):
     assert ignored_bos_token_id(reader) == 11
     assert tokenizer.bos_token is None
     assert tokenizer("In the beginning").input_ids[0] != 11
+    assert ignored_bos_token_id(gguf.GGUFReader(written_with(tmp_path, {"tokenizer.ggml.bos_token_id": -1}))) is None
 
 
 def test_eos_token_ids(gguf_file, tmp_path):
