@@ -50,7 +50,6 @@ class HFCheckpoint:
     """A Hugging Face model directory: config.json and its safetensors files, read one tensor at a time."""
 
     def __init__(self, model_dir: Path):
-        self.dir = model_dir
         self.config = json.loads((model_dir / "config.json").read_text())
         index = model_dir / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [

@@ -36,7 +36,7 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, path: str) -> PreTrainedTokeniz
 
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
                                    fuse_unk=False, byte_fallback=False))
-    backend.normalizer = normalizers.NFC()
+    backend.normalizer = normalizers.NFC()  # as Qwen2/dots1's tokenizer.json; llama.cpp itself does not normalize
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT_REGEX[pre]), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),

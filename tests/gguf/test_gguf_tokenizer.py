@@ -16,7 +16,8 @@ KJV = ("In the beginning God created the heaven and the earth. And the earth was
        "darkness was upon the face of the deep. And God said, Let there be light: and there was light. "
        "Thou shalt not kill. Blessed are the meek: for they shall inherit the earth. LORD, I've sinn'd; "
        "he's there, they'll come, we'd go, THEY'RE HERE, I'M sure, you'VE seen").split(" ")
-CODE = ["def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; ++i) { a[i] += b[i]; }", "\tif x != None:\r\n\t\tpass",
+CODE = ["def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; ++i) { a[i] += b[i]; }",
+        "\tif x != None:\r\n\t\tpass",
         "SELECT * FROM t WHERE id = 42;", "<div class=\"a\">&amp;</div>", "x = {'k': [1, 2.5e-3, -7]}  # note"]
 UNICODE = ["我想在apple工作1314151天～", "東京都は日本の首都です。", "нещо на Български", "مرحبا بالعالم",
            "กรุงเทพมหานคร", "🚀 (normal) 😶\u200d🌫️ ✅ 🦙🦙", "👨‍👩‍👧‍👦 family", "café", "cafe\u0301", "Å Å Å",
@@ -81,7 +82,8 @@ def test_special_tokens_and_no_bos(tokenizer, hf_tokenizer):
     assert len(tokenizer) == len(hf_tokenizer) == 4096
     assert tokenizer.added_tokens_decoder == hf_tokenizer.added_tokens_decoder
     assert tokenizer.all_special_ids == hf_tokenizer.all_special_ids
-    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|endofresponse|>", "<|endoftext|>", None)
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|endofresponse|>", "<|endoftext|>")
+    assert tokenizer.bos_token is None
     assert tokenizer.add_bos_token is False
     assert tokenizer("And God said").input_ids == hf_tokenizer("And God said").input_ids
     assert tokenizer.model_max_length == hf_tokenizer.model_max_length == 2048

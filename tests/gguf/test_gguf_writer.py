@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from gguf_checkpoints import hf_to_gguf, save_random_dots1_with_tokenizer
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from model.embedded import EMBEDDED_MODEL_DIR
@@ -17,7 +17,8 @@ Q = gguf.GGMLQuantizationType
 CONFIG = dict(vocab_size=4100, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
               num_attention_heads=2, num_key_value_heads=1, head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
               n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
-              max_position_embeddings=512, rms_norm_eps=1e-5, rope_parameters={"rope_theta": 5e5, "rope_type": "default"})
+              max_position_embeddings=512, rms_norm_eps=1e-5,
+              rope_parameters={"rope_theta": 5e5, "rope_type": "default"})
 EXPECTED_METADATA = {
     "general.architecture": "dots1", "general.file_type": 0, "dots1.block_count": 3, "dots1.context_length": 512,
     "dots1.embedding_length": 64, "dots1.feed_forward_length": 96, "dots1.attention.head_count": 2,
@@ -56,7 +57,8 @@ def f32_file(checkpoint, tmp_path_factory) -> gguf.GGUFReader:
 
 def expected_tensors(weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """GGUF name -> torch-order float32 array, written out by hand from llama.cpp's dots1 tensor list."""
-    out = {"token_embd.weight": weights["model.embed_tokens.weight"], "output_norm.weight": weights["model.norm.weight"],
+    out = {"token_embd.weight": weights["model.embed_tokens.weight"],
+           "output_norm.weight": weights["model.norm.weight"],
            "output.weight": weights["lm_head.weight"]}
     for i in range(CONFIG["num_hidden_layers"]):
         hf = f"model.layers.{i}"
@@ -187,3 +189,32 @@ def test_llama_cpp_runs_the_file_as_transformers_runs_the_checkpoint(tmp_path):
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].numpy()  # [T, V]
     np.testing.assert_allclose(np.asarray(llama.scores[:len(ids)]), expected, atol=1e-2, rtol=0)
+
+
+def test_fused_experts_in_sharded_files_write_the_same_tensors(checkpoint, hf_weights, f32_file, tmp_path):
+    """Transformers' in-memory expert layout (gate_up_proj [E, 2F, H], down_proj [E, H, F]), two shards, no lm_head."""
+    weights = {name: w for name, w in hf_weights.items() if ".experts." not in name and name != "lm_head.weight"}
+    for i in range(CONFIG["first_k_dense_replace"], CONFIG["num_hidden_layers"]):
+        hf = f"model.layers.{i}.mlp.experts"
+        experts = range(CONFIG["n_routed_experts"])
+        weights[f"{hf}.gate_up_proj"] = torch.stack([torch.cat(
+            [hf_weights[f"{hf}.{e}.gate_proj.weight"], hf_weights[f"{hf}.{e}.up_proj.weight"]]) for e in experts])
+        weights[f"{hf}.down_proj"] = torch.stack([hf_weights[f"{hf}.{e}.down_proj.weight"] for e in experts])
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    model_dir = tmp_path / "fused"
+    model_dir.mkdir()
+    for file, shard_names in shards.items():
+        save_file({name: weights[name].contiguous() for name in shard_names}, model_dir / file)
+    weight_map = {name: file for file, shard_names in shards.items() for name in shard_names}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).write_bytes((checkpoint / name).read_bytes())
+
+    hf_to_gguf.write_dots1_gguf(model_dir, tmp_path / "fused.gguf")
+    tensors = {t.name: t.data for t in gguf.GGUFReader(tmp_path / "fused.gguf").tensors}
+    reference = {t.name: t.data for t in f32_file.tensors}
+    reference["output.weight"] = reference["token_embd.weight"]
+    assert tensors.keys() == reference.keys()
+    for name, data in reference.items():
+        np.testing.assert_array_equal(tensors[name], data, err_msg=name)
