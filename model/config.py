@@ -72,6 +72,12 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ModelConfig":
+        """From ``model_dir``/config.json, or from the metadata of a dots1 GGUF file (a path ending in .gguf)."""
+        if str(model_dir).endswith(".gguf"):
+            from model.gguf.config import config_from_gguf  # imports this module
+            from model.gguf.reader import GGUFCheckpoint
+
+            return config_from_gguf(GGUFCheckpoint(model_dir))
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config.json not found; a Hugging Face model directory needs one")

@@ -1,10 +1,15 @@
-"""Token embedding and LM head with the vocabulary split across tensor-parallel ranks."""
+"""Token embedding and LM head with the vocabulary split across tensor-parallel ranks.
+
+On the CPU either may hold packed integer rows instead (``use_quantized``, from a GGUF file): the embedding then
+dequantizes only the rows it looks up, and the head multiplies with the quantized-matmul kernel.
+"""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.linear import linear, pack_weight
 from model.parallel import ParallelState
+from model.quant.packed import PackedQuantWeight, dequantize_rows, nbytes
 from model.weights import CheckpointTensor, WeightTarget
 
 
@@ -22,8 +27,20 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, vocab_size)
         self.weight = shared_weight if shared_weight is not None else nn.Parameter(
             torch.empty(self.rows_per_rank, hidden_size, dtype=dtype), requires_grad=False)
+        self.quant: PackedQuantWeight | None = None
+        self.quant_type = ""
+
+    def use_quantized(self, weight: PackedQuantWeight, type_name: str) -> None:
+        """Keeps the [vocab, hidden] table as packed rows (single rank); the float weight is dropped."""
+        self.quant, self.quant_type = weight, type_name
+        self.weight = nn.Parameter(torch.empty(0, self.hidden_size, dtype=self.weight.dtype), requires_grad=False)
+
+    def quantized_bytes_by_type(self) -> dict[str, int]:
+        return {} if self.quant is None else {self.quant_type: nbytes(self.quant)}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return dequantize_rows(self.quant, input_ids).to(self.weight.dtype)
         if not self.parallel.is_parallel:
             return F.embedding(input_ids, self.weight)
         outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
@@ -51,13 +68,24 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, hidden_size, parallel, dtype,
                          shared_weight=tied_to.weight if tied_to is not None else None)
         self.tied = tied_to is not None
+        self.tied_embedding = (tied_to,) if tied_to is not None else ()  # a tuple: not a second submodule
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        quant = self.tied_embedding[0].quant if self.tied else self.quant
+        if quant is not None:
+            from model.kernels.cpu.qlinear import qlinear
+
+            return qlinear(hidden, quant)  # [N, vocab] float32
         logits = linear(hidden, self.weight)  # [N, rows_per_rank]
         logits = self.parallel.all_gather(logits, dim=-1)[:, :self.vocab_size]
         return logits.float()
 
+    def quantized_bytes_by_type(self) -> dict[str, int]:
+        return {} if self.tied else super().quantized_bytes_by_type()
+
     def pack_weights(self) -> None:
+        if self.quant is not None or (self.tied and self.tied_embedding[0].quant is not None):
+            return
         self.weight = pack_weight(self.weight)  # a tied embedding keeps its own plain weight
 
     def weight_targets(self, key: str) -> dict[str, WeightTarget]:

@@ -1,7 +1,9 @@
 """Projection layers that know their tensor-parallel shard and slice full checkpoint tensors for it.
 
 A projection's weight is in the compute dtype, or float8 e4m3 with one float32 scale per output row
-(``weight_scale``), read from an FP8 checkpoint or quantized while loading (``use_fp8``; the math is in model.fp8).
+(``weight_scale``), read from an FP8 checkpoint or quantized while loading (``use_fp8``; the math is in model.fp8),
+or, on the CPU, integer codes with group scales (``use_quantized``: GGUF files and --quantization int8/int4;
+one part per stacked matrix, each in its own format, multiplied by the kernels in model.kernels.cpu).
 """
 from functools import partial
 
@@ -12,6 +14,7 @@ from torch import nn
 from model.fp8 import FP8_DTYPE, quantize_rows, supports_w8a8, w8a8_linear, weight_only_linear
 from model.fp8_storage import new_weight, quantize_full_rows, read_scale, scale_shapes
 from model.parallel import ParallelState
+from model.quant.parts import WeightPart, bytes_by_type, matmul_parts
 from model.quantization import Fp8Scheme
 from model.weights import FLOAT8, SCALE, CheckpointTensor, WeightLoader, WeightTarget
 
@@ -60,6 +63,15 @@ class QuantizableProjection(nn.Module):
         self.weight_scale: nn.Parameter | None = None
         self.fp8: Fp8Scheme | None = None
         self.w8a8 = False
+        self.quant_parts: list[WeightPart] | None = None
+        self.quant_types: list[str] = []
+
+    def use_quantized(self, parts: list[WeightPart], types: list[str]) -> None:
+        """Serves the stacked matrices from ``parts`` (packed integer weights, or float ones), one per matrix in
+        output order; the float ``weight`` is dropped."""
+        self.quant_parts = parts
+        self.quant_types = types
+        self.weight = new_weight((0, self.weight.shape[1]), self.compute_dtype, "cpu")
 
     @property
     def quantize_on_load(self) -> bool:
@@ -79,13 +91,21 @@ class QuantizableProjection(nn.Module):
                                                                  out_features, in_features)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.quant_parts is not None:
+            y = matmul_parts(x, self.quant_parts).to(x.dtype)
+            return y if bias is None else y + bias
         if self.weight_scale is None:
             return linear(x, self.weight, bias)
         if self.w8a8:
             return w8a8_linear(x, self.weight, self.weight_scale[None, :], bias)
         return weight_only_linear(x, self.weight, self.weight_scale, bias)
 
+    def quantized_bytes_by_type(self) -> dict[str, int]:
+        return bytes_by_type(self.quant_parts or [], self.quant_types)
+
     def pack_weights(self) -> None:
+        if self.quant_parts is not None:
+            return
         if self.weight_scale is None:  # oneDNN has no float8 weights: FP8 projections dequantize per tile instead
             self.weight = pack_weight(self.weight)
 

@@ -24,6 +24,10 @@ from model.linear import QuantizableProjection, can_pack_weights
 from model.moe import RoutedExperts
 from model.moe_backend import resolve_moe_backend
 from model.parallel import ParallelState
+from model.gguf.loader import load_gguf_model
+from model.gguf.reader import is_gguf_path
+from model.quant.online import METHODS as CPU_METHODS
+from model.quant.online import quantize_model_weights
 from model.quantization import QUANTIZATION_METHODS, Fp8Scheme, online_fp8_scheme
 from model.weights import FLOAT8, SCALE, CheckpointTensor, WeightTarget
 
@@ -39,7 +43,8 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
                parallel: ParallelState | None = None, expert_metrics: bool = False,
                quantization: str | None = None, moe_backend: str = "auto", attention_backend: str = "auto",
                kv_cache_dtype: torch.dtype | None = None) -> Dots1ForCausalLM:
-    """The model described by ``model_dir``/config.json, with its checkpoint's weights (or random ones: "dummy").
+    """The model described by ``model_dir``/config.json, with its checkpoint's weights (or random ones: "dummy"),
+    or by a dots1 GGUF file when ``model_dir`` ends in ``.gguf`` (see ``model.gguf.loader``).
 
     Weights are FP8 where the checkpoint's quantization_config says so, or (``quantization="fp8"``) quantized while
     they stream in from a high-precision checkpoint. ``moe_backend`` (auto, torch, triton) picks the routed experts'
@@ -52,30 +57,63 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
     if attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
     model_dir = Path(model_dir)
+    if is_gguf_path(model_dir):
+        model = _load_gguf(model_dir, dtype=dtype, device=device, load_format=load_format, parallel=parallel,
+                           expert_metrics=expert_metrics, quantization=quantization, moe_backend=moe_backend)
+        _resolve_attention(model, attention_backend, device, dtype, kv_cache_dtype)
+        if can_pack_weights(torch.device(device)):
+            model.pack_weights_for_cpu()
+        return model.eval()
     config = ModelConfig.from_pretrained(model_dir)
-    scheme = weight_scheme(config, quantization)
+    cpu_method = quantization if quantization in CPU_METHODS else None
+    if cpu_method is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"--quantization {cpu_method} packs weights for the CPU kernels; on {device} use fp8")
+    scheme = weight_scheme(config, None if cpu_method else quantization)
     entries = None if load_format == "dummy" else read_checkpoint_headers(model_dir)
     moe_backend = resolve_moe_backend(moe_backend, device, dtype, fp8=scheme is not None,
                                       has_moe_layers=bool(config.moe_layer_ids))
     model = build_model(config, scheme, dtype=dtype, device=device, parallel=parallel, expert_metrics=expert_metrics,
                         moe_backend=moe_backend)
-    attention = model.layers[0].self_attn
-    windows = tuple(sorted({layer.self_attn.window for layer in model.layers}, key=lambda w: w or 0))
-    model.attention_backend = resolve_attention_backend(attention_backend, device, dtype, kv_cache_dtype,
-                                                        attention.head_dim,
-                                                        attention.num_heads // attention.num_kv_heads, windows)
+    _resolve_attention(model, attention_backend, device, dtype, kv_cache_dtype)
     if entries is None:
         initialize_dummy_weights(model)
     else:
         load_checkpoint(model, entries)
+    if cpu_method is not None:
+        quantize_model_weights(model, cpu_method)
     if can_pack_weights(torch.device(device)):
         model.pack_weights_for_cpu()
     return model.eval()
 
 
+def _resolve_attention(model: Dots1ForCausalLM, attention_backend: str, device: torch.device | str,
+                       dtype: torch.dtype, kv_cache_dtype: torch.dtype | None) -> None:
+    attention = model.layers[0].self_attn
+    windows = tuple(sorted({layer.self_attn.window for layer in model.layers}, key=lambda w: w or 0))
+    model.attention_backend = resolve_attention_backend(attention_backend, device, dtype, kv_cache_dtype,
+                                                        attention.head_dim,
+                                                        attention.num_heads // attention.num_kv_heads, windows)
+
+
+def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device | str, load_format: str,
+               parallel: ParallelState | None, expert_metrics: bool, quantization: str | None,
+               moe_backend: str) -> Dots1ForCausalLM:
+    if load_format == "safetensors":
+        raise ValueError(f"{path}: --load-format safetensors given for a GGUF file (use auto)")
+    if load_format == "dummy":
+        raise ValueError(f"{path}: --load-format dummy needs a config.json directory, not a GGUF file")
+    if quantization is not None:
+        raise ValueError(f"{path}: --quantization {quantization} applies to safetensors checkpoints; a GGUF file "
+                         "keeps the quantization it was written with")
+    config = ModelConfig.from_pretrained(path)
+    moe_backend = resolve_moe_backend(moe_backend, device, dtype, fp8=False, has_moe_layers=bool(config.moe_layer_ids))
+    return load_gguf_model(path, dtype=dtype, device=device, parallel=parallel, expert_metrics=expert_metrics,
+                           moe_backend=moe_backend)
+
+
 def weight_scheme(config: ModelConfig, quantization: str | None) -> Fp8Scheme | None:
     """The checkpoint's FP8 scheme, else the one ``quantization`` asks for (None: weights in the compute dtype)."""
-    if quantization is not None and quantization not in QUANTIZATION_METHODS:
+    if quantization is not None and quantization not in QUANTIZATION_METHODS + CPU_METHODS:
         raise ValueError(f"unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATION_METHODS)}")
     if config.quantization is not None:
         if quantization is not None:
@@ -124,11 +162,28 @@ def place_weights(model: Dots1ForCausalLM, scheme: Fp8Scheme, device: torch.devi
 
 
 def weight_summary(model: Dots1ForCausalLM) -> tuple[str, int]:
-    """(the weights' dtype in words, e.g. "float8_e4m3fn+bfloat16", and their bytes on this rank)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in model.parameters()},
-                    key=lambda name: (not name.startswith("float8"), name))
-    return "+".join(dtypes), sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    """(the weights' types in words, e.g. "float8_e4m3fn+bfloat16" or "Q4_K+Q6_K+float32", and their bytes on this
+    rank)."""
+    breakdown = weight_breakdown(model)
+    buffers = sum(tensor.numel() * tensor.element_size() for tensor in model.buffers())
+    return "+".join(breakdown), sum(breakdown.values()) + buffers
+
+
+def weight_breakdown(model: Dots1ForCausalLM) -> dict[str, int]:
+    """Bytes of weights per type on this rank, quantized types first: torch dtypes for parameters, GGUF type names
+    (or int8/int4) for the packed weights of the CPU kernels."""
+    breakdown: dict[str, int] = {}
+    for tensor in model.parameters():
+        if tensor.numel():
+            name = str(tensor.dtype).removeprefix("torch.")
+            breakdown[name] = breakdown.get(name, 0) + tensor.numel() * tensor.element_size()
+    for module in model.modules():
+        if hasattr(module, "quantized_bytes_by_type"):
+            for name, size in module.quantized_bytes_by_type().items():
+                breakdown[name] = breakdown.get(name, 0) + size
+    order = sorted(breakdown, key=lambda name: (name.startswith(("float", "bfloat")), not name.startswith("float8"),
+                                                name))
+    return {name: breakdown[name] for name in order}
 
 
 def load_checkpoint(model: Dots1ForCausalLM, entries: dict[str, TensorEntry]) -> None:

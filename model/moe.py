@@ -11,6 +11,8 @@ from model.fp8_storage import new_weight, quantize_full_rows, read_scale, scale_
 from model.linear import PACKED_MIN_ROWS, linear, pack_weight
 from model.mlp import GatedMLP
 from model.parallel import ParallelState
+from model.quant.packed import PackedQuantWeight
+from model.quant.parts import bytes_by_type
 from model.quantization import Fp8Scheme
 from model.weights import FLOAT, FLOAT8, SCALE, CheckpointTensor, WeightTarget
 
@@ -76,6 +78,8 @@ class RoutedExperts(nn.Module):
     - "torch" (the reference, and the CPU path): token-expert pairs are grouped by expert and only experts that
       received tokens run, one matmul pair each; counting the pairs needs one host read per layer.
     - "triton": ``fused_moe`` (align, two grouped GEMMs, combine), sized from host-known shapes: no host sync.
+    On the CPU the weights may instead be packed integer stacks (``use_quantized``: GGUF files, --quantization
+    int8/int4), each of gate, up and down in its own format, run by one fused kernel call per layer (``qmoe``).
     """
 
     def __init__(self, config: ModelConfig, parallel: ParallelState, dtype: torch.dtype,
@@ -106,6 +110,28 @@ class RoutedExperts(nn.Module):
         self.w2_scale: nn.Parameter | None = None
         self.fp8: Fp8Scheme | None = None
         self.min_rows = 1  # rows per expert group; raised when packed weights run fewer rows slowly
+        # "gate"/"up" [E_local, I, H] and "down" [E_local, H, I] packed stacks, or None
+        self.quantized: dict[str, PackedQuantWeight] | None = None
+        self.quant_types: list[str] = []
+
+    def use_quantized(self, stacks: dict[str, PackedQuantWeight], types: list[str]) -> None:
+        """Serves the experts from packed integer stacks (single rank); the float stacks are dropped."""
+        self.quantized, self.quant_types = stacks, types
+        self.w13 = new_weight((0, 2 * self.local_intermediate, self.hidden_size), self.compute_dtype, "cpu")
+        self.w2 = new_weight((0, self.hidden_size, self.local_intermediate), self.compute_dtype, "cpu")
+
+    def quantized_bytes_by_type(self) -> dict[str, int]:
+        if self.quantized is None:
+            return {}
+        return bytes_by_type([self.quantized[part] for part in ("gate", "up", "down")], self.quant_types)
+
+    def forward_quantized(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights/expert_ids [T, k] -> weighted expert sum [T, H], in one kernel call."""
+        from model.kernels.cpu.qmoe import qmoe
+
+        stacks = self.quantized
+        return qmoe(x, expert_ids, weights, stacks["gate"], stacks["up"], stacks["down"],
+                    expert_start=self.expert_start).to(x.dtype)
 
     def forward_fused(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/expert_ids [T, k] -> weighted expert sum [T, H], on the device throughout."""
@@ -180,7 +206,7 @@ class RoutedExperts(nn.Module):
                 for name in ("gate_proj", "up_proj", "down_proj")]
 
     def pack_weights(self) -> None:
-        if self.backend == "triton":
+        if self.backend == "triton" or self.quantized is not None:
             return  # the kernels read the stacked weights
         if self.fp8 is not None:  # oneDNN has no float8 weights: FP8 experts dequantize one expert at a time
             return
@@ -317,7 +343,11 @@ class Dots1MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = self.gate(x)
-        if self.experts.backend == "triton":
+        if self.experts.quantized is not None:
+            if self.expert_counts is not None:
+                self.expert_counts += torch.bincount(expert_ids.view(-1), minlength=self.experts.num_experts)
+            out = self.experts.forward_quantized(x, weights, expert_ids)
+        elif self.experts.backend == "triton":
             if self.expert_counts is not None:  # scatter_add_: fixed shape, no sync (bincount may sync on CUDA)
                 flat_ids = expert_ids.view(-1)
                 self.expert_counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))

@@ -14,7 +14,7 @@ from model.config import ModelConfig
 from model.device import resolve_device, resolve_dtype
 from model.forward_batch import ForwardBatch
 from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block, resolve_kv_cache_dtype
-from model.loader import load_model, weight_summary
+from model.loader import load_model, weight_breakdown, weight_summary
 from model.parallel import ParallelState
 from scheduler.config import EngineConfig
 from scheduler.cuda_graph_runner import DecodeGraphRunner, StepGraph, capture_sizes, cuda_graph_factory
@@ -56,6 +56,10 @@ class ModelExecutor:
         self.weight_dtype, self.weight_bytes = weight_summary(self.model)
         logger.info("weights: %s, %.1f MiB on %s (rank %d)", self.weight_dtype, self.weight_bytes / 2**20,
                     self.device, self.parallel.rank)
+        breakdown = weight_breakdown(self.model)
+        if len(breakdown) > 1:
+            logger.info("weight bytes by type: %s", ", ".join(f"{name} {size / 2**20:.1f} MiB"
+                                                             for name, size in breakdown.items()))
         make_graph = make_graph or self._cuda_graphs(config)
         graph_reserve = self._graph_memory_estimate(config) if make_graph is not None else 0
         bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, self.kv_cache_dtype,
