@@ -50,16 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML preset (see configs/); its keys are these flags with "
                         "underscores; flags given on the command line override it")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=str(EMBEDDED_MODEL_DIR), help="local Hugging Face checkpoint directory")
+    model.add_argument("--model", default=str(EMBEDDED_MODEL_DIR), help="local Hugging Face checkpoint directory, or a dots1 GGUF file (the first file of a split set: "
+                       "*-00001-of-0000N.gguf)")
     model.add_argument("--served-model-name", nargs="+", help="name(s) clients use in 'model'; the first is "
-                       "reported in responses (default: the checkpoint directory's name)")
+                       "reported in responses (default: the checkpoint directory's name, or the GGUF file's name without "
+                       ".gguf)")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights and activations; auto: bfloat16 on CUDA, float32 on CPU")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     model.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="auto: safetensors from --model; dummy: random weights for the config (benchmarks)")
-    model.add_argument("--quantization", choices=["fp8"], help="fp8: quantize a bf16/fp16 checkpoint's Linear "
-                       "weights to float8 (per output channel) while loading; FP8 checkpoints need no flag")
+    model.add_argument("--quantization", choices=["fp8", "int8", "int4"], help="quantize a bf16/fp16/fp32 "
+                       "checkpoint's Linear weights while loading. fp8: float8 per output channel (GPU); int8: "
+                       "8-bit with a scale per 32 weights, int4: 4-bit with a scale and min per 32 weights (CPU "
+                       "kernels). FP8 checkpoints and GGUF files need no flag")
     model.add_argument("--chat-template", help="a Jinja file or template overriding the checkpoint's chat template")
     model.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler for unseeded requests")
     engine = parser.add_argument_group("engine")
@@ -153,9 +157,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--shutdown-timeout must not be negative")
     try:
         load_chat_template(args.chat_template)
+        if str(args.model).endswith(".gguf"):
+            check_gguf(args.model)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     return args
+
+
+def check_gguf(path: str) -> None:
+    """Reads a GGUF file's header, metadata and tensor table (not its weights): a file of another architecture, a
+    tensor type this engine cannot run or a truncated file is refused here, before the server starts."""
+    from model.gguf.config import config_from_gguf
+    from model.gguf.reader import GGUFCheckpoint
+
+    config_from_gguf(GGUFCheckpoint(path))
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
@@ -172,7 +187,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
-        served_model_names=args.served_model_name or [Path(args.model).name],
+        served_model_names=args.served_model_name or [Path(args.model).name.removesuffix(".gguf")],
         host=args.host,
         port=args.port,
         api_keys=api_keys(args),

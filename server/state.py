@@ -55,7 +55,10 @@ class ServerState:
             renderer = ChatRenderer(engine.tokenizer, load_chat_template(self.engine_config.chat_template))
             engine.start()
         except Exception as error:
-            logger.exception("loading the model failed")
+            if isinstance(error, (ValueError, FileNotFoundError)):  # a checkpoint or flag refused: its message says why
+                logger.error("loading the model failed: %s", error)
+            else:
+                logger.exception("loading the model failed")
             self.load_error = error
             on_failure()
             return
