@@ -8,7 +8,7 @@ from random_dots1 import save_random_dots1
 
 from model.embedded import EMBEDDED_MODEL_DIR
 
-HF_TO_GGUF_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "hf_to_gguf.py"
+HF_TO_GGUF_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "hf_to_gguf.py"
 
 
 def import_hf_to_gguf():
