@@ -13,6 +13,7 @@ $(VENV)/bin/python:
 
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml constraints-cpu.txt
 	$(PIP) install --quiet -c constraints-cpu.txt -e .
+	$(PY) -m model.kernels.cpu.extension
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -34,4 +35,4 @@ test: install-test system-deps
 	$(PY) -m pytest $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .build

@@ -1,0 +1,211 @@
+// The SIMD row kernels, compiled once per instruction set: qgemm.cpp includes this file with
+//   QK_NS (namespace), QK_TARGET (a target attribute string) and QK_AVX512 (1: AVX-512 VNNI, 0: AVX2) defined.
+// Unpacking: one 32-weight chunk -> 32 unsigned bytes in weight order (nibbles by a per-half shift, bit planes by
+// AVX-512BW byte masks or an AVX2 bit-to-byte expansion). Dot: 32 codes x 32 int8 activations -> 8 int32 lanes,
+// lanes 0-3 summing weights 0..15 and lanes 4-7 weights 16..31 (dpbusd, or maddubs + madd on AVX2).
+//
+// dot_rows<BITS, G, MT>: out[i][n] for MT activation rows and one weight row n:
+//   sum_g scale_g * dx_g * sum_{k in g} code_k q_k  -  sum_g (zero * scale_g + min_g) * xs_g
+#include <immintrin.h>
+
+#include <cstring>
+
+namespace QK_NS {
+
+#define QK_INLINE __attribute__((target(QK_TARGET), always_inline)) inline
+#define QK_FN __attribute__((target(QK_TARGET)))
+
+using dots_cpu::GemmJob;
+using dots_cpu::QuantActivations;
+using dots_cpu::QuantWeight;
+
+constexpr int kMaxRows = QK_AVX512 ? 8 : 4;  // activation rows per register tile
+// AVX2 multiplies 8-bit codes as signed (code - 128) so maddubs cannot saturate; the correction adds 128 back.
+constexpr int zero_shift(int bits) { return (!QK_AVX512 && bits == 8) ? 128 : 0; }
+
+QK_INLINE uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+QK_INLINE __m256i add_plane(__m256i w, uint32_t plane, int p) {
+  const __m256i bit = _mm256_set1_epi8(static_cast<char>(16 << p));
+#if QK_AVX512
+  return _mm256_mask_add_epi8(w, static_cast<__mmask32>(plane), w, bit);
+#else
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(plane)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i select = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+  return _mm256_or_si256(w, _mm256_and_si256(set, bit));
+#endif
+}
+
+template <int BITS>
+QK_INLINE __m256i unpack(const uint8_t* lo, const uint8_t* hi, int64_t c) {
+  if constexpr (BITS == 8) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + 32 * c));
+  } else {
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + 16 * c)));
+    __m256i w = _mm256_and_si256(_mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                 _mm256_set1_epi8(0x0F));
+    if constexpr (BITS > 4) {
+      const uint8_t* planes = hi + c * 4 * (BITS - 4);
+      for (int p = 0; p < BITS - 4; ++p) w = add_plane(w, load_u32(planes + 4 * p), p);
+    }
+    return w;
+  }
+}
+
+template <int BITS>
+QK_INLINE __m256i dot32(__m256i w, const int8_t* x) {
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+#if QK_AVX512
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
+#else
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (BITS == 8) {
+    const __m256i s = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(xv, s)), ones);
+  } else {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+  }
+#endif
+}
+
+// The combined scale of chunk c: G = 32 one value, G = 16 lanes 0-3 and 4-7 from two.
+template <int G>
+QK_INLINE __m256 chunk_scale(const float* ds, int64_t c) {
+  if constexpr (G == 32) {
+    return _mm256_broadcast_ss(ds + c);
+  } else {
+    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ds + 2 * c)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  }
+}
+
+QK_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int BITS, int G, int MT>
+QK_INLINE void dot_rows(const QuantWeight& w, int64_t n, const QuantActivations& act, const int32_t* rows,
+                        float* const* out, float* ds) {
+  const int64_t groups = w.k / G, chunks = w.k / 32;
+  const uint8_t* lo = w.lo + n * w.lo_row;
+  const uint8_t* hi = w.hi ? w.hi + n * w.hi_row : nullptr;
+  const at::Half* scale = w.scale + n * groups;
+  const at::Half* min = w.min ? w.min + n * groups : nullptr;
+  const int8_t* xq[MT];
+  const float* dx[MT];
+  const float* xs[MT];
+  for (int i = 0; i < MT; ++i) {
+    xq[i] = act.row(rows[i]);
+    dx[i] = act.dx(G, rows[i]);
+    xs[i] = act.xs(G, rows[i]);
+  }
+  // ds[i][g] = scale_g * dx_g; corr[i] = sum_g (zero * scale_g + min_g) * xs_g
+  const float zero = static_cast<float>(w.zero - zero_shift(BITS));
+  __m256 corr[MT];
+  float corr_tail[MT];
+  for (int i = 0; i < MT; ++i) corr[i] = _mm256_setzero_ps(), corr_tail[i] = 0.f;
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g)));
+    __m256 coef = _mm256_mul_ps(sw, _mm256_set1_ps(zero));
+    if (min) coef = _mm256_add_ps(coef, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(min + g))));
+    for (int i = 0; i < MT; ++i) {
+      _mm256_storeu_ps(ds + i * groups + g, _mm256_mul_ps(sw, _mm256_loadu_ps(dx[i] + g)));
+      corr[i] = _mm256_fmadd_ps(coef, _mm256_loadu_ps(xs[i] + g), corr[i]);
+    }
+  }
+  for (; g < groups; ++g) {
+    const float sw = _cvtsh_ss(scale[g].x);
+    const float coef = sw * zero + (min ? _cvtsh_ss(min[g].x) : 0.f);
+    for (int i = 0; i < MT; ++i) {
+      ds[i * groups + g] = sw * dx[i][g];
+      corr_tail[i] += coef * xs[i][g];
+    }
+  }
+  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);  // independent accumulators per row, for latency
+  __m256 acc[U][MT];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < MT; ++i) acc[u][i] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + U <= chunks; c += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const __m256i wv = unpack<BITS>(lo, hi, c + u);
+#pragma GCC unroll 8
+      for (int i = 0; i < MT; ++i) {
+        const __m256 dot = _mm256_cvtepi32_ps(dot32<BITS>(wv, xq[i] + 32 * (c + u)));
+        acc[u][i] = _mm256_fmadd_ps(dot, chunk_scale<G>(ds + i * groups, c + u), acc[u][i]);
+      }
+    }
+  }
+  for (; c < chunks; ++c) {
+    const __m256i wv = unpack<BITS>(lo, hi, c);
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+      const __m256 dot = _mm256_cvtepi32_ps(dot32<BITS>(wv, xq[i] + 32 * c));
+      acc[0][i] = _mm256_fmadd_ps(dot, chunk_scale<G>(ds + i * groups, c), acc[0][i]);
+    }
+  }
+  for (int i = 0; i < MT; ++i) {
+    __m256 total = acc[0][i];
+    for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[u][i]);
+    out[i][n] = hsum(total) - hsum(corr[i]) - corr_tail[i];
+  }
+}
+
+template <int BITS, int G, int MT>
+QK_FN void tile_rows(const GemmJob& job, const QuantActivations& act, const int32_t* rows, float* const* out,
+                     float* ds) {
+  for (int64_t n = job.n0; n < job.n1; ++n) dot_rows<BITS, G, MT>(job.w, n, act, rows, out, ds);
+}
+
+// Activation rows in register tiles of kMaxRows, 4, 2, 1; every tile sweeps the job's weight rows (cached).
+template <int BITS, int G>
+QK_FN void run_format(const GemmJob& job, const QuantActivations& act, float* ds) {
+  int32_t rows[kMaxRows];
+  float* out[kMaxRows];
+  for (int64_t m0 = 0; m0 < job.m;) {
+    const int64_t left = job.m - m0;
+    const int mt = left >= kMaxRows ? kMaxRows : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    for (int i = 0; i < mt; ++i) {
+      rows[i] = job.act_rows ? job.act_rows[m0 + i] : static_cast<int32_t>(m0 + i);
+      out[i] = job.out + (job.out_rows ? job.out_rows[m0 + i] : m0 + i) * job.ldo;
+    }
+    switch (mt) {
+      case 1: tile_rows<BITS, G, 1>(job, act, rows, out, ds); break;
+      case 2: tile_rows<BITS, G, 2>(job, act, rows, out, ds); break;
+      case 4: tile_rows<BITS, G, 4>(job, act, rows, out, ds); break;
+      default: tile_rows<BITS, G, kMaxRows>(job, act, rows, out, ds); break;
+    }
+    m0 += mt;
+  }
+}
+
+template <int G>
+QK_FN void run_group(const GemmJob& job, const QuantActivations& act, float* ds) {
+  switch (job.w.bits) {
+    case 4: run_format<4, G>(job, act, ds); break;
+    case 5: run_format<5, G>(job, act, ds); break;
+    case 6: run_format<6, G>(job, act, ds); break;
+    default: run_format<8, G>(job, act, ds); break;
+  }
+}
+
+QK_FN void run_job(const GemmJob& job, const QuantActivations& act, float* ds) {
+  job.w.group == 16 ? run_group<16>(job, act, ds) : run_group<32>(job, act, ds);
+}
+
+#undef QK_INLINE
+#undef QK_FN
+
+}  // namespace QK_NS
