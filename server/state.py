@@ -56,7 +56,7 @@ class ServerState:
             engine.start()
         except Exception as error:
             if isinstance(error, (ValueError, FileNotFoundError)):  # a checkpoint or flag refused: its message says why
-                logger.error("loading the model failed: %s", error)
+                logger.error("loading the model failed: %s: %s", type(error).__name__, error)
             else:
                 logger.exception("loading the model failed")
             self.load_error = error
