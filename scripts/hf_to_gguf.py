@@ -226,15 +226,17 @@ def apply_overrides(writer: gguf.GGUFWriter, overrides: dict[str, Any]) -> None:
 
 
 def write_dots1_gguf(model_dir: Path, out: Path, tensor_type: str = "F32",
-                     overrides: dict[str, Any] | None = None) -> None:
-    """Writes ``model_dir`` (a Dots1 checkpoint with its tokenizer) to ``out``; ``overrides`` edits metadata."""
+                     overrides: dict[str, Any] | None = None, split_max_tensors: int = 0) -> None:
+    """Writes ``model_dir`` (a Dots1 checkpoint with its tokenizer) to ``out``; ``overrides`` edits metadata.
+    ``split_max_tensors`` > 0 writes a split set (``out`` stem + ``-0000i-of-0000n.gguf``) as llama.cpp's gguf-split
+    does."""
     if tensor_type not in FILE_TYPES:
         raise ValueError(f"tensor type {tensor_type!r} is not one of {', '.join(FILE_TYPES)}")
     file_type, wanted = FILE_TYPES[tensor_type]
     ckpt = HFCheckpoint(Path(model_dir))
     if ckpt.config.get("model_type") != "dots1":
         raise ValueError(f"{model_dir}: model_type {ckpt.config.get('model_type')!r} is not dots1")
-    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DOTS1])
+    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DOTS1], split_max_tensors=split_max_tensors)
     plans = tensor_plans(ckpt)
     qtypes = [tensor_qtype(plan.name, plan.shape, wanted) for plan in plans]
     for plan, qtype in zip(plans, qtypes):
