@@ -4,9 +4,10 @@ Error bound of qlinear: activations are quantized per 32-block to int8 with d = 
 at most d / 2 (round to nearest), a uniform error of standard deviation d / sqrt(12) ≈ 0.0023 max|x_b|. For Gaussian
 x, max|x_b| ≈ 2.2 sigma_x over 32 values, so the error of y = sum_i w_i x_i has about 0.5% of y's standard deviation
 (the errors are independent, like the products), and its largest value over a few thousand outputs about 4 times that.
-Integer dots and the scale corrections are exact up to float32 rounding. Asserted: max |err| <= 2e-2 * max |ref| and
-mean |err| <= 1e-2 * mean |ref| (observed about 4x and 2x below). qmoe quantizes twice (x, then silu(g) * u, whose
-heavier tails give coarser blocks): mean |err| <= 2e-2 * mean |ref| (observed about 1.1%).
+Integer dots and the scale corrections are exact up to float32 rounding. Weights with a large mean (zero points, mins)
+share one error term mean(w) * sum_i e_i across a row of outputs, so for M = 1 the mean error is a single draw of that
+0.5% ratio. Asserted: max |err| <= 2e-2 * max |ref| and mean |err| <= 2e-2 * mean |ref| (observed up to 0.7% and 1.4%).
+qmoe quantizes twice (x, then silu(g) * u, whose heavier tails give coarser blocks): the same bounds (observed 1.1%).
 Beyond those bounds, each qlinear result equals the reference computed from fake-quantized activations (the same int8
 rounding done in torch) to 1e-4 relative: only float32 summation order differs, so the SIMD paths agree with each other
 too. For qmoe that holds up to a few intermediate codes one step apart (torch's silu differs in the last bit).
@@ -91,20 +92,21 @@ def test_pack_round_trips_codes(name):
 def test_qlinear_matches_dequantized_matmul(isa, name, n, k):
     w = random_weight((n, k), name, seed=n + k)
     reference_weight = dequantize(w)
+    gen = torch.Generator().manual_seed(k)
     for m in (1, 5, 200):
         for dtype in (torch.float32, torch.bfloat16):
             if isa == "scalar" and m == 200 and n == 1000:
                 continue  # the scalar loop is slow; m = 5 covers its tiling
-            x = torch.randn(m, k).to(dtype)
+            x = torch.randn(m, k, generator=gen).to(dtype)
             y = qlinear(x, w)
-            assert_within(y, x.float() @ reference_weight.T, 2e-2, 1e-2)
+            assert_within(y, x.float() @ reference_weight.T, 2e-2, 2e-2)
             assert_within(y, fake_quantize(x) @ reference_weight.T, 1e-4, 1e-4)
 
 
 def test_isa_paths_agree():
     module = load()
     w = random_weight((64, 512), "Q6_K", seed=3)
-    x = torch.randn(9, 512)
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(0))
     outputs = []
     for name in ISAS[ISAS.index(module.best_isa()):]:
         module.set_isa(name)
@@ -116,7 +118,7 @@ def test_isa_paths_agree():
 
 def test_shared_input_matches_separate_calls(isa):
     ws = [random_weight((96, 256), "Q4_K", 1), random_weight((32, 256), "Q8_0", 2), random_weight((64, 256), "Q6_K", 3)]
-    x = torch.randn(3, 256)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
     for y, w in zip(qlinear_shared_input(x, ws), ws):
         assert torch.equal(y, qlinear(x, w))
 

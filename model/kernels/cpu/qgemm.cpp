@@ -171,13 +171,13 @@ int64_t rows_per_job(int64_t total_rows) {
 
 void run_jobs(const std::vector<GemmJob>& jobs, const QuantActivations& act) {
   const Isa isa = active_isa();
-  int64_t max_groups = 0;
-  for (const GemmJob& job : jobs) max_groups = std::max<int64_t>(max_groups, job.w.k / 16);
+  int64_t max_k = 0;
+  for (const GemmJob& job : jobs) max_k = std::max<int64_t>(max_k, job.w.k);
   std::atomic<int64_t> next{0};
   const int64_t count = static_cast<int64_t>(jobs.size());
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> scratch(8 * max_groups + 16);
+    std::vector<float> scratch(8 * (max_k / 16) + 16);  // ds [8][K/16] of dot_rows
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) run_job(jobs[i], act, isa, scratch.data());
   });
 }

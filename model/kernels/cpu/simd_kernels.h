@@ -86,6 +86,51 @@ QK_INLINE __m256 chunk_scale(const float* ds, int64_t c) {
   }
 }
 
+#if QK_AVX512
+QK_INLINE uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+// Chunks c and c + 1 as 64 bytes (128-bit lanes: c's low nibbles, c's high, c+1's low, c+1's high).
+template <int BITS>
+QK_INLINE __m512i unpack_pair(const uint8_t* lo, const uint8_t* hi, int64_t c) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512(lo + 32 * c);
+  } else {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + 16 * c));
+    const __m512i both = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
+                                                  _mm512_castsi256_si512(bytes));
+    __m512i w = _mm512_and_si512(_mm512_srlv_epi64(both, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
+                                 _mm512_set1_epi8(0x0F));
+    if constexpr (BITS == 5) {
+      w = _mm512_mask_add_epi8(w, load_u64(hi + 4 * c), w, _mm512_set1_epi8(16));
+    } else if constexpr (BITS == 6) {
+      const uint64_t first = load_u64(hi + 8 * c), second = load_u64(hi + 8 * c + 8);
+      const uint64_t plane0 = (first & 0xFFFFFFFFULL) | (second << 32);
+      const uint64_t plane1 = (first >> 32) | (second & 0xFFFFFFFF00000000ULL);
+      w = _mm512_mask_add_epi8(w, plane0, w, _mm512_set1_epi8(16));
+      w = _mm512_mask_add_epi8(w, plane1, w, _mm512_set1_epi8(32));
+    }
+    return w;
+  }
+}
+
+// Combined scales of chunks c and c + 1, in the lane layout of a 512-bit dpbusd over them.
+template <int G>
+QK_INLINE __m512 pair_scale(const float* ds, int64_t c) {
+  if constexpr (G == 32) {
+    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ds + c)));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                 _mm512_castps128_ps512(two));
+  } else {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps128_ps512(_mm_loadu_ps(ds + 2 * c)));
+  }
+}
+#endif
+
 QK_INLINE float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -132,7 +177,37 @@ QK_INLINE void dot_rows(const QuantWeight& w, int64_t n, const QuantActivations&
       corr_tail[i] += coef * xs[i][g];
     }
   }
+  __m256 tail[MT];  // chunks the wide loop leaves
+  for (int i = 0; i < MT; ++i) tail[i] = _mm256_setzero_ps();
+#if QK_AVX512
   constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);  // independent accumulators per row, for latency
+  __m512 acc[U][MT];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < MT; ++i) acc[u][i] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 2 * U <= chunks; c += 2 * U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const __m512i wv = unpack_pair<BITS>(lo, hi, c + 2 * u);
+#pragma GCC unroll 8
+      for (int i = 0; i < MT; ++i) {
+        const __m512i xv = _mm512_loadu_si512(xq[i] + 32 * (c + 2 * u));
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv));
+        acc[u][i] = _mm512_fmadd_ps(dot, pair_scale<G>(ds + i * groups, c + 2 * u), acc[u][i]);
+      }
+    }
+  }
+  for (; c + 2 <= chunks; c += 2) {
+    const __m512i wv = unpack_pair<BITS>(lo, hi, c);
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+      const __m512i xv = _mm512_loadu_si512(xq[i] + 32 * c);
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv));
+      acc[0][i] = _mm512_fmadd_ps(dot, pair_scale<G>(ds + i * groups, c), acc[0][i]);
+    }
+  }
+#else
+  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
   __m256 acc[U][MT];
   for (int u = 0; u < U; ++u)
     for (int i = 0; i < MT; ++i) acc[u][i] = _mm256_setzero_ps();
@@ -148,18 +223,27 @@ QK_INLINE void dot_rows(const QuantWeight& w, int64_t n, const QuantActivations&
       }
     }
   }
+#endif
   for (; c < chunks; ++c) {
     const __m256i wv = unpack<BITS>(lo, hi, c);
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) {
       const __m256 dot = _mm256_cvtepi32_ps(dot32<BITS>(wv, xq[i] + 32 * c));
-      acc[0][i] = _mm256_fmadd_ps(dot, chunk_scale<G>(ds + i * groups, c), acc[0][i]);
+      tail[i] = _mm256_fmadd_ps(dot, chunk_scale<G>(ds + i * groups, c), tail[i]);
     }
   }
   for (int i = 0; i < MT; ++i) {
-    __m256 total = acc[0][i];
-    for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[u][i]);
-    out[i][n] = hsum(total) - hsum(corr[i]) - corr_tail[i];
+    float total = hsum(_mm256_sub_ps(tail[i], corr[i])) - corr_tail[i];
+#if QK_AVX512
+    __m512 sum = acc[0][i];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][i]);
+    total += _mm512_reduce_add_ps(sum);
+#else
+    __m256 sum = acc[0][i];
+    for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][i]);
+    total += hsum(sum);
+#endif
+    out[i][n] = total;
   }
 }
 
