@@ -177,7 +177,7 @@ void run_jobs(const std::vector<GemmJob>& jobs, const QuantActivations& act) {
   const int64_t count = static_cast<int64_t>(jobs.size());
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> scratch(8 * (max_k / 16) + 16);  // ds [8][K/16] of dot_rows
+    std::vector<float> scratch(2 * 8 * (max_k / 16) + 16);  // ds [2][8][K/16] of dot_rows
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) run_job(jobs[i], act, isa, scratch.data());
   });
 }

@@ -138,14 +138,21 @@ QK_INLINE float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int BITS, int G, int MT>
+// Weight rows n .. n + NR - 1 against MT activation rows; ds: scratch [NR][MT][K / G].
+template <int BITS, int G, int NR, int MT>
 QK_INLINE void dot_rows(const QuantWeight& w, int64_t n, const QuantActivations& act, const int32_t* rows,
                         float* const* out, float* ds) {
   const int64_t groups = w.k / G, chunks = w.k / 32;
-  const uint8_t* lo = w.lo + n * w.lo_row;
-  const uint8_t* hi = w.hi ? w.hi + n * w.hi_row : nullptr;
-  const at::Half* scale = w.scale + n * groups;
-  const at::Half* min = w.min ? w.min + n * groups : nullptr;
+  const uint8_t* lo[NR];
+  const uint8_t* hi[NR];
+  const at::Half* scale[NR];
+  const at::Half* min[NR];
+  for (int r = 0; r < NR; ++r) {
+    lo[r] = w.lo + (n + r) * w.lo_row;
+    hi[r] = w.hi ? w.hi + (n + r) * w.hi_row : nullptr;
+    scale[r] = w.scale + (n + r) * groups;
+    min[r] = w.min ? w.min + (n + r) * groups : nullptr;
+  }
   const int8_t* xq[MT];
   const float* dx[MT];
   const float* xs[MT];
@@ -154,103 +161,126 @@ QK_INLINE void dot_rows(const QuantWeight& w, int64_t n, const QuantActivations&
     dx[i] = act.dx(G, rows[i]);
     xs[i] = act.xs(G, rows[i]);
   }
-  // ds[i][g] = scale_g * dx_g; corr[i] = sum_g (zero * scale_g + min_g) * xs_g
+  // ds[r][i][g] = scale_g * dx_g; corr[r][i] = sum_g (zero * scale_g + min_g) * xs_g
   const float zero = static_cast<float>(w.zero - zero_shift(BITS));
-  __m256 corr[MT];
-  float corr_tail[MT];
-  for (int i = 0; i < MT; ++i) corr[i] = _mm256_setzero_ps(), corr_tail[i] = 0.f;
-  int64_t g = 0;
-  for (; g + 8 <= groups; g += 8) {
-    const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g)));
-    __m256 coef = _mm256_mul_ps(sw, _mm256_set1_ps(zero));
-    if (min) coef = _mm256_add_ps(coef, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(min + g))));
-    for (int i = 0; i < MT; ++i) {
-      _mm256_storeu_ps(ds + i * groups + g, _mm256_mul_ps(sw, _mm256_loadu_ps(dx[i] + g)));
-      corr[i] = _mm256_fmadd_ps(coef, _mm256_loadu_ps(xs[i] + g), corr[i]);
+  __m256 corr[NR][MT];
+  float corr_tail[NR][MT];
+  for (int r = 0; r < NR; ++r) {
+    for (int i = 0; i < MT; ++i) corr[r][i] = _mm256_setzero_ps(), corr_tail[r][i] = 0.f;
+    float* dsr = ds + r * MT * groups;
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+      const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale[r] + g)));
+      __m256 coef = _mm256_mul_ps(sw, _mm256_set1_ps(zero));
+      if (min[r])
+        coef = _mm256_add_ps(coef, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(min[r] + g))));
+      for (int i = 0; i < MT; ++i) {
+        _mm256_storeu_ps(dsr + i * groups + g, _mm256_mul_ps(sw, _mm256_loadu_ps(dx[i] + g)));
+        corr[r][i] = _mm256_fmadd_ps(coef, _mm256_loadu_ps(xs[i] + g), corr[r][i]);
+      }
+    }
+    for (; g < groups; ++g) {
+      const float sw = _cvtsh_ss(scale[r][g].x);
+      const float coef = sw * zero + (min[r] ? _cvtsh_ss(min[r][g].x) : 0.f);
+      for (int i = 0; i < MT; ++i) {
+        dsr[i * groups + g] = sw * dx[i][g];
+        corr_tail[r][i] += coef * xs[i][g];
+      }
     }
   }
-  for (; g < groups; ++g) {
-    const float sw = _cvtsh_ss(scale[g].x);
-    const float coef = sw * zero + (min ? _cvtsh_ss(min[g].x) : 0.f);
-    for (int i = 0; i < MT; ++i) {
-      ds[i * groups + g] = sw * dx[i][g];
-      corr_tail[i] += coef * xs[i][g];
-    }
-  }
-  __m256 tail[MT];  // chunks the wide loop leaves
-  for (int i = 0; i < MT; ++i) tail[i] = _mm256_setzero_ps();
+  __m256 tail[NR][MT];  // chunks the wide loop leaves
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MT; ++i) tail[r][i] = _mm256_setzero_ps();
 #if QK_AVX512
-  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);  // independent accumulators per row, for latency
-  __m512 acc[U][MT];
+  constexpr int U = NR * MT == 1 ? 4 : (NR * MT == 2 ? 2 : 1);  // independent accumulators per row, for latency
+  __m512 acc[U][NR][MT];
   for (int u = 0; u < U; ++u)
-    for (int i = 0; i < MT; ++i) acc[u][i] = _mm512_setzero_ps();
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) acc[u][r][i] = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 2 * U <= chunks; c += 2 * U) {
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
-      const __m512i wv = unpack_pair<BITS>(lo, hi, c + 2 * u);
+      __m512i wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = unpack_pair<BITS>(lo[r], hi[r], c + 2 * u);
 #pragma GCC unroll 8
       for (int i = 0; i < MT; ++i) {
         const __m512i xv = _mm512_loadu_si512(xq[i] + 32 * (c + 2 * u));
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv));
-        acc[u][i] = _mm512_fmadd_ps(dot, pair_scale<G>(ds + i * groups, c + 2 * u), acc[u][i]);
+        for (int r = 0; r < NR; ++r) {
+          const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv));
+          acc[u][r][i] = _mm512_fmadd_ps(dot, pair_scale<G>(ds + (r * MT + i) * groups, c + 2 * u), acc[u][r][i]);
+        }
       }
     }
   }
   for (; c + 2 <= chunks; c += 2) {
-    const __m512i wv = unpack_pair<BITS>(lo, hi, c);
+    __m512i wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = unpack_pair<BITS>(lo[r], hi[r], c);
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) {
       const __m512i xv = _mm512_loadu_si512(xq[i] + 32 * c);
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv));
-      acc[0][i] = _mm512_fmadd_ps(dot, pair_scale<G>(ds + i * groups, c), acc[0][i]);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv));
+        acc[0][r][i] = _mm512_fmadd_ps(dot, pair_scale<G>(ds + (r * MT + i) * groups, c), acc[0][r][i]);
+      }
     }
   }
 #else
-  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
-  __m256 acc[U][MT];
+  constexpr int U = NR * MT == 1 ? 4 : (NR * MT == 2 ? 2 : 1);
+  __m256 acc[U][NR][MT];
   for (int u = 0; u < U; ++u)
-    for (int i = 0; i < MT; ++i) acc[u][i] = _mm256_setzero_ps();
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) acc[u][r][i] = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + U <= chunks; c += U) {
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
-      const __m256i wv = unpack<BITS>(lo, hi, c + u);
+      __m256i wv[NR];
+      for (int r = 0; r < NR; ++r) wv[r] = unpack<BITS>(lo[r], hi[r], c + u);
 #pragma GCC unroll 8
       for (int i = 0; i < MT; ++i) {
-        const __m256 dot = _mm256_cvtepi32_ps(dot32<BITS>(wv, xq[i] + 32 * (c + u)));
-        acc[u][i] = _mm256_fmadd_ps(dot, chunk_scale<G>(ds + i * groups, c + u), acc[u][i]);
+        for (int r = 0; r < NR; ++r) {
+          const __m256 dot = _mm256_cvtepi32_ps(dot32<BITS>(wv[r], xq[i] + 32 * (c + u)));
+          acc[u][r][i] = _mm256_fmadd_ps(dot, chunk_scale<G>(ds + (r * MT + i) * groups, c + u), acc[u][r][i]);
+        }
       }
     }
   }
 #endif
   for (; c < chunks; ++c) {
-    const __m256i wv = unpack<BITS>(lo, hi, c);
+    for (int r = 0; r < NR; ++r) {
+      const __m256i wv = unpack<BITS>(lo[r], hi[r], c);
 #pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i) {
-      const __m256 dot = _mm256_cvtepi32_ps(dot32<BITS>(wv, xq[i] + 32 * c));
-      tail[i] = _mm256_fmadd_ps(dot, chunk_scale<G>(ds + i * groups, c), tail[i]);
+      for (int i = 0; i < MT; ++i) {
+        const __m256 dot = _mm256_cvtepi32_ps(dot32<BITS>(wv, xq[i] + 32 * c));
+        tail[r][i] = _mm256_fmadd_ps(dot, chunk_scale<G>(ds + (r * MT + i) * groups, c), tail[r][i]);
+      }
     }
   }
-  for (int i = 0; i < MT; ++i) {
-    float total = hsum(_mm256_sub_ps(tail[i], corr[i])) - corr_tail[i];
+  for (int r = 0; r < NR; ++r) {
+    for (int i = 0; i < MT; ++i) {
+      float total = hsum(_mm256_sub_ps(tail[r][i], corr[r][i])) - corr_tail[r][i];
 #if QK_AVX512
-    __m512 sum = acc[0][i];
-    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][i]);
-    total += _mm512_reduce_add_ps(sum);
+      __m512 sum = acc[0][r][i];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][r][i]);
+      total += _mm512_reduce_add_ps(sum);
 #else
-    __m256 sum = acc[0][i];
-    for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][i]);
-    total += hsum(sum);
+      __m256 sum = acc[0][r][i];
+      for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][r][i]);
+      total += hsum(sum);
 #endif
-    out[i][n] = total;
+      out[i][n + r] = total;
+    }
   }
 }
 
 template <int BITS, int G, int MT>
 QK_FN void tile_rows(const GemmJob& job, const QuantActivations& act, const int32_t* rows, float* const* out,
                      float* ds) {
-  for (int64_t n = job.n0; n < job.n1; ++n) dot_rows<BITS, G, MT>(job.w, n, act, rows, out, ds);
+  constexpr int NR = MT >= 4 ? 2 : 1;  // weight rows per register tile: each activation load serves NR of them
+  int64_t n = job.n0;
+  for (; n + NR <= job.n1; n += NR) dot_rows<BITS, G, NR, MT>(job.w, n, act, rows, out, ds);
+  for (; n < job.n1; ++n) dot_rows<BITS, G, 1, MT>(job.w, n, act, rows, out, ds);
 }
 
 // Activation rows in register tiles of kMaxRows, 4, 2, 1; every tile sweeps the job's weight rows (cached).
