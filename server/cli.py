@@ -157,8 +157,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--shutdown-timeout must not be negative")
     try:
         load_chat_template(args.chat_template)
-        if str(args.model).endswith(".gguf"):
-            check_gguf(args.model)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     return args
@@ -215,6 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     engine = engine_config(args)
     info = {"version": package_version(), "model": config.model_name, "dtype": engine.dtype, "device": engine.device,
             "tensor_parallel_size": str(engine.tensor_parallel_size), "block_size": str(engine.block_size)}
+    if str(engine.model).endswith(".gguf"):
+        try:
+            check_gguf(engine.model)
+        except (OSError, ValueError) as error:
+            print(f"dots-serve: error: {error}", file=sys.stderr)
+            sys.exit(2)
     from server.runner import run_server  # torch and the engine load only once the flags are valid
 
     sys.exit(run_server(config, engine, info))
