@@ -8,7 +8,10 @@ Integer dots and the scale corrections are exact up to float32 rounding. Weights
 share one error term mean(w) * sum_i e_i across a row of outputs, so for M = 1 the mean error is a single draw of that
 0.5% ratio. Asserted: max |err| <= 2e-2 * max |ref| and mean |err| <= 2e-2 * mean |ref| (observed up to 0.7% and 1.4%).
 qmoe quantizes twice (x, then silu(g) * u, whose heavier tails give coarser blocks): the same bounds (observed 1.1%).
-Beyond those bounds, each qlinear result equals the reference computed from fake-quantized activations (the same int8
+For a bfloat16 x of 32 rows or more, on CPUs with AVX-512 BF16, qlinear dequantizes the weight to bfloat16 and runs
+oneDNN instead: the weight is rounded to bfloat16 (relative error <= 2^-9 per weight), within the same bounds, and
+the bfloat16 result is within its own rounding (2^-8 relative) of the product with the rounded weight.
+Beyond those bounds, each int8 qlinear result equals the reference computed from fake-quantized activations (the same int8
 rounding done in torch) to 1e-4 relative: only float32 summation order differs, so the SIMD paths agree with each other
 too. For qmoe that holds up to a few intermediate codes one step apart (torch's silu differs in the last bit).
 """
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels.cpu.extension import load
-from model.kernels.cpu.qlinear import qlinear, qlinear_shared_input
+from model.kernels.cpu.qlinear import qlinear, qlinear_shared_input, weight_args
 from model.kernels.cpu.qmoe import qmoe
 from model.quant.packed import PackedQuantWeight, dequantize, dequantize_rows, describe, pack, unpack_codes
 
@@ -100,7 +103,18 @@ def test_qlinear_matches_dequantized_matmul(isa, name, n, k):
             x = torch.randn(m, k, generator=gen).to(dtype)
             y = qlinear(x, w)
             assert_within(y, x.float() @ reference_weight.T, 2e-2, 2e-2)
-            assert_within(y, fake_quantize(x) @ reference_weight.T, 1e-4, 1e-4)
+            if dtype == torch.bfloat16 and load().prefers_bf16_gemm(m):
+                rounded = x.float() @ reference_weight.bfloat16().float().T
+                assert_within(y, rounded, 2 ** -8, 2 ** -9)  # the result is rounded to bfloat16
+            else:
+                assert_within(y, fake_quantize(x) @ reference_weight.T, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_dequantize_bf16_rounds_the_reference(isa, name):
+    w = random_weight((40, 160), name, seed=7)
+    tensors, fmt = weight_args(w)
+    assert torch.equal(load().dequantize_bf16(tensors, fmt), dequantize(w).bfloat16())
 
 
 def test_isa_paths_agree():

@@ -12,9 +12,10 @@ from types import ModuleType
 
 NAME = "dots_serve_cpu_quant"
 _HERE = Path(__file__).resolve().parent
-SOURCES = [_HERE / name for name in ("bindings.cpp", "quantize_activations.cpp", "qgemm.cpp", "qmoe.cpp")]
-HEADERS = [_HERE / name for name in ("quant_types.h", "quantize_activations.h", "simd_kernels.h")]
-CFLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+SOURCES = [_HERE / name for name in ("bindings.cpp", "quantize_activations.cpp", "qgemm.cpp", "qmoe.cpp",
+                                            "dequantize.cpp")]
+HEADERS = [_HERE / name for name in ("quant_types.h", "quantize_activations.h", "simd_kernels.h", "dequantize.h")]
+CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 
 _lock = threading.Lock()
 _module: ModuleType | None = None

@@ -1,5 +1,7 @@
 // qlinear: x float32/bfloat16 [M, K] @ w^T, w a packed [N, K] weight -> y float32 [M, N].
 // qlinear_shared_input: one x, several weights [N_i, K] -> [y_i [M, N_i]], x quantized once.
+// A bfloat16 x of kDequantizeMinRows rows or more (CPUs with AVX-512 BF16) is multiplied by oneDNN with each weight
+// dequantized to bfloat16 instead (dequantize.cpp); its result is bfloat16-rounded, as a bfloat16 model rounds it anyway.
 // Work is (weight, tile of output rows) jobs taken from one shared counter by ATen's threads; a job runs its activation
 // rows in register tiles, each sweeping the job's weight rows while they stay in cache.
 #include <ATen/Parallel.h>
@@ -9,6 +11,7 @@
 #include <cstring>
 #include <string>
 
+#include "dequantize.h"
 #include "quant_types.h"
 #include "quantize_activations.h"
 
@@ -186,6 +189,16 @@ std::vector<at::Tensor> qlinear_shared_input(const at::Tensor& x,
                                              const std::vector<std::vector<c10::optional<at::Tensor>>>& weights,
                                              const std::vector<std::vector<int64_t>>& formats) {
   TORCH_CHECK(weights.size() == formats.size(), "one format per weight");
+  if (x.scalar_type() == at::kBFloat16 && prefers_bf16_gemm(x.size(0))) {
+    const at::Tensor xb = x.contiguous();
+    std::vector<at::Tensor> outputs;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      const QuantWeight w = make_weight(weights[i], formats[i], 2);
+      TORCH_CHECK(w.k == x.size(1), "x has ", x.size(1), " columns but the weight has K = ", w.k);
+      outputs.push_back(at::linear(xb, dequantize_bf16(w)).to(at::kFloat));
+    }
+    return outputs;
+  }
   const QuantActivations act = quantize_activations(x);
   std::vector<at::Tensor> outputs;
   std::vector<GemmJob> jobs;

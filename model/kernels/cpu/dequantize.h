@@ -1,0 +1,13 @@
+// dequantize_bf16: packed [N, K] -> bfloat16 [N, K]; prefers_bf16_gemm: whether qlinear multiplies M rows that way.
+#pragma once
+
+#include "quant_types.h"
+
+namespace dots_cpu {
+
+constexpr int64_t kDequantizeMinRows = 32;
+
+at::Tensor dequantize_bf16(const QuantWeight& w);
+bool prefers_bf16_gemm(int64_t rows);
+
+}  // namespace dots_cpu
