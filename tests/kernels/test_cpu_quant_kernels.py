@@ -8,7 +8,7 @@ Integer dots and the scale corrections are exact up to float32 rounding. Weights
 share one error term mean(w) * sum_i e_i across a row of outputs, so for M = 1 the mean error is a single draw of that
 0.5% ratio. Asserted: max |err| <= 2e-2 * max |ref| and mean |err| <= 2e-2 * mean |ref| (observed up to 0.7% and 1.4%).
 qmoe quantizes twice (x, then silu(g) * u, whose heavier tails give coarser blocks): the same bounds (observed 1.1%).
-For a bfloat16 x of 32 rows or more, on CPUs with AVX-512 BF16, qlinear dequantizes the weight to bfloat16 and runs
+For a bfloat16 x of 16 rows or more, on CPUs with AVX-512 BF16, qlinear dequantizes the weight to bfloat16 and runs
 oneDNN instead: the weight is rounded to bfloat16 (relative error <= 2^-9 per weight), within the same bounds, and
 the bfloat16 result is within its own rounding (2^-8 relative) of the product with the rounded weight.
 Beyond those bounds, each int8 qlinear result equals the reference computed from fake-quantized activations (the same int8

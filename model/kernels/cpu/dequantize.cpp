@@ -4,6 +4,7 @@
 #include "dequantize.h"
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <cstring>
 
@@ -58,12 +59,66 @@ void dequantize_rows_generic(const QuantWeight& w, int64_t n0, int64_t n1, uint1
   for (int64_t n = n0; n < n1; ++n) dequantize_row<G>(w, n, codes.data(), values.data(), out + n * w.k);
 }
 
+#define DQ_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+
+// 16 codes -> 16 bfloat16 values: (code - zero) * scale - min, rounded to nearest even.
+DQ_TARGET inline void store_values(__m128i codes, __m512 zero, __m512 scale, __m512 min, uint16_t* out) {
+  const __m512 value = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), zero),
+                                                   scale), min);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(value)));
+}
+
+template <int BITS, int G>
+DQ_TARGET void dequantize_rows_avx512(const QuantWeight& w, int64_t n0, int64_t n1, uint16_t* dst) {
+  const int64_t groups = w.k / G;
+  const __m512 zero = _mm512_set1_ps(static_cast<float>(w.zero));
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* lo = w.lo + n * w.lo_row;
+    const uint8_t* hi = w.hi ? w.hi + n * w.hi_row : nullptr;
+    const at::Half* scale = w.scale + n * groups;
+    const at::Half* min = w.min ? w.min + n * groups : nullptr;
+    uint16_t* out = dst + n * w.k;
+    for (int64_t c = 0; c < w.k / 32; ++c) {
+      __m256i codes;
+      if constexpr (BITS == 8) {
+        codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + 32 * c));
+      } else {
+        const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + 16 * c)));
+        codes = _mm256_and_si256(_mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                 _mm256_set1_epi8(0x0F));
+        for (int p = 0; p < BITS - 4; ++p) {
+          uint32_t plane;
+          std::memcpy(&plane, hi + c * 4 * (BITS - 4) + 4 * p, 4);
+          codes = _mm256_mask_add_epi8(codes, plane, codes, _mm256_set1_epi8(static_cast<char>(16 << p)));
+        }
+      }
+      for (int half = 0; half < 2; ++half) {
+        const int64_t g = G == 32 ? c : 2 * c + half;
+        const __m512 sv = _mm512_set1_ps(static_cast<float>(scale[g]));
+        const __m512 mv = _mm512_set1_ps(min ? static_cast<float>(min[g]) : 0.f);
+        const __m128i part = half ? _mm256_extracti128_si256(codes, 1) : _mm256_castsi256_si128(codes);
+        store_values(part, zero, sv, mv, out + 32 * c + 16 * half);
+      }
+    }
+  }
+}
+
 template <int G>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void dequantize_rows_avx512(
-    const QuantWeight& w, int64_t n0, int64_t n1, uint16_t* out) {
-  std::vector<uint8_t> codes(w.k);
-  std::vector<float> values(w.k);
-  for (int64_t n = n0; n < n1; ++n) dequantize_row<G>(w, n, codes.data(), values.data(), out + n * w.k);
+void dequantize_rows_wide(const QuantWeight& w, int64_t n0, int64_t n1, uint16_t* out) {
+  switch (w.bits) {
+    case 4: dequantize_rows_avx512<4, G>(w, n0, n1, out); break;
+    case 5: dequantize_rows_avx512<5, G>(w, n0, n1, out); break;
+    case 6: dequantize_rows_avx512<6, G>(w, n0, n1, out); break;
+    default: dequantize_rows_avx512<8, G>(w, n0, n1, out); break;
+  }
+}
+
+bool has_avx512_bf16() {
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return supported;
 }
 
 }  // namespace
@@ -71,23 +126,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void dequanti
 at::Tensor dequantize_bf16(const QuantWeight& w) {
   at::Tensor out = at::empty({w.n, w.k}, at::TensorOptions().dtype(at::kBFloat16));
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const bool wide = active_isa() == Isa::avx512;
+  const bool wide = active_isa() == Isa::avx512 && has_avx512_bf16();
   at::parallel_for(0, w.n, 16, [&](int64_t n0, int64_t n1) {
     if (w.group == 16) {
-      wide ? dequantize_rows_avx512<16>(w, n0, n1, dst) : dequantize_rows_generic<16>(w, n0, n1, dst);
+      wide ? dequantize_rows_wide<16>(w, n0, n1, dst) : dequantize_rows_generic<16>(w, n0, n1, dst);
     } else {
-      wide ? dequantize_rows_avx512<32>(w, n0, n1, dst) : dequantize_rows_generic<32>(w, n0, n1, dst);
+      wide ? dequantize_rows_wide<32>(w, n0, n1, dst) : dequantize_rows_generic<32>(w, n0, n1, dst);
     }
   });
   return out;
 }
 
 bool prefers_bf16_gemm(int64_t rows) {
-  static const bool has_bf16 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16");
-  }();
-  return rows >= kDequantizeMinRows && has_bf16 && active_isa() == Isa::avx512;
+  return rows >= kDequantizeMinRows && has_avx512_bf16() && active_isa() == Isa::avx512;
 }
 
 }  // namespace dots_cpu

@@ -1,5 +1,5 @@
 """qlinear: x float32/bfloat16 [M, K] @ w^T for a packed w [N, K] -> float32 [M, N]; qlinear_shared_input: one x
-quantized once for several weights (q/k/v, gate/up). The C++ is in qgemm.cpp; a bfloat16 x of 32 rows or more goes
+quantized once for several weights (q/k/v, gate/up). The C++ is in qgemm.cpp; a bfloat16 x of 16 rows or more goes
 through a bfloat16 copy of the weight and oneDNN (dequantize.cpp), its result rounded to bfloat16."""
 import torch
 
