@@ -16,7 +16,7 @@
 #include "quantize_activations.h"
 
 #define QK_NS isa_avx512
-#define QK_TARGET "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2"
+#define QK_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2"
 #define QK_AVX512 1
 #include "simd_kernels.h"
 #undef QK_NS
@@ -36,7 +36,7 @@ namespace {
 
 Isa detect_isa() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return Isa::avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))

@@ -259,17 +259,15 @@ QK_INLINE void dot_rows(const QuantWeight& w, int64_t n, const QuantActivations&
   }
   for (int r = 0; r < NR; ++r) {
     for (int i = 0; i < MT; ++i) {
-      float total = hsum(_mm256_sub_ps(tail[r][i], corr[r][i])) - corr_tail[r][i];
+      __m256 sum = _mm256_sub_ps(tail[r][i], corr[r][i]);
 #if QK_AVX512
-      __m512 sum = acc[0][r][i];
-      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][r][i]);
-      total += _mm512_reduce_add_ps(sum);
+      __m512 wide = acc[0][r][i];
+      for (int u = 1; u < U; ++u) wide = _mm512_add_ps(wide, acc[u][r][i]);
+      sum = _mm256_add_ps(sum, _mm256_add_ps(_mm512_castps512_ps256(wide), _mm512_extractf32x8_ps(wide, 1)));
 #else
-      __m256 sum = acc[0][r][i];
-      for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][r][i]);
-      total += hsum(sum);
+      for (int u = 0; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][r][i]);
 #endif
-      out[i][n + r] = total;
+      out[i][n + r] = hsum(sum) - corr_tail[r][i];
     }
   }
 }
