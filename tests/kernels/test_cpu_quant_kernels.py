@@ -173,6 +173,8 @@ def test_qmoe_matches_expert_loop(isa, formats, tokens):
         xd = x.to(dtype)
         y = qmoe(xd, ids, weights, gate, up, down, expert_start)
         assert_within(y, reference_moe(xd, ids, weights, gate, up, down, expert_start), 2e-2, 2e-2)
+        if dtype == torch.bfloat16 and load().prefers_bf16_gemm(tokens):
+            continue  # local expert 1 (all tokens) and maybe others ran in bfloat16 through oneDNN: bounds as qlinear's
         # torch's silu rounds differently in the last bit, so a few intermediate codes may land one step apart
         assert_within(y, reference_moe(xd, ids, weights, gate, up, down, expert_start, fake_quantize), 5e-3, 5e-4)
 

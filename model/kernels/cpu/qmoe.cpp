@@ -6,10 +6,12 @@
 // x is quantized once; pairs are grouped by expert so each expert's weights are read once for all its tokens (experts
 // without pairs are never touched); stage 1 runs (expert, gate or up, row tile) jobs, the intermediate silu(g) * u is
 // quantized once per pair, stage 2 runs (expert, row tile) jobs of down, and each token sums its pairs in order.
+// With a bfloat16 x, an expert with kDequantizeMinRows pairs or more runs in bfloat16 through oneDNN instead.
 #include <ATen/Parallel.h>
 
 #include <cmath>
 
+#include "dequantize.h"
 #include "quant_types.h"
 #include "quantize_activations.h"
 
@@ -47,12 +49,12 @@ Routing group_by_expert(const at::Tensor& expert_ids, int64_t num_experts, int64
   return r;
 }
 
-// Jobs of one stack over every expert that has pairs; act_rows index the stage's activations.
-void add_jobs(std::vector<GemmJob>& jobs, const QuantWeight& stack, const Routing& r, const int32_t* act_rows,
-              float* out, int64_t rows_per) {
+// Jobs of one stack over the int8 experts (pairs, not bf16); act_rows index the stage's activations.
+void add_jobs(std::vector<GemmJob>& jobs, const QuantWeight& stack, const Routing& r, const std::vector<bool>& bf16,
+              const int32_t* act_rows, float* out, int64_t rows_per) {
   for (size_t e = 0; e + 1 < r.offsets.size(); ++e) {
     const int64_t first = r.offsets[e], count = r.offsets[e + 1] - first;
-    if (count == 0) continue;
+    if (count == 0 || bf16[e]) continue;
     for (int64_t n0 = 0; n0 < stack.n; n0 += rows_per) {
       GemmJob job;
       job.w = stack.expert(static_cast<int64_t>(e));
@@ -67,10 +69,22 @@ void add_jobs(std::vector<GemmJob>& jobs, const QuantWeight& stack, const Routin
   }
 }
 
-int64_t active_rows(const Routing& r, int64_t rows) {
+int64_t active_rows(const Routing& r, const std::vector<bool>& bf16, int64_t rows) {
   int64_t active = 0;
-  for (size_t e = 0; e + 1 < r.offsets.size(); ++e) active += r.offsets[e + 1] > r.offsets[e] ? rows : 0;
+  for (size_t e = 0; e + 1 < r.offsets.size(); ++e) active += r.offsets[e + 1] > r.offsets[e] && !bf16[e] ? rows : 0;
   return active;
+}
+
+// An expert with many tokens: its weights dequantized to bfloat16, the tokens multiplied by oneDNN; rows of down_out.
+void run_bf16_expert(const at::Tensor& x, const Routing& r, int64_t e, const QuantWeight& gate, const QuantWeight& up,
+                     const QuantWeight& down, at::Tensor& down_out) {
+  const int64_t first = r.offsets[e], count = r.offsets[e + 1] - first;
+  const at::Tensor tokens = at::from_blob(const_cast<int32_t*>(r.tokens.data()) + first, {count}, at::kInt).to(at::kLong);
+  const at::Tensor xe = x.index_select(0, tokens);  // [count, H] bfloat16
+  const at::Tensor g = at::linear(xe, dequantize_bf16(gate.expert(e))).to(at::kFloat);
+  const at::Tensor u = at::linear(xe, dequantize_bf16(up.expert(e))).to(at::kFloat);
+  const at::Tensor h = (at::silu(g) * u).to(at::kBFloat16);
+  down_out.narrow(0, first, count).copy_(at::linear(h, dequantize_bf16(down.expert(e))));
 }
 
 }  // namespace
@@ -99,27 +113,37 @@ at::Tensor qmoe(const at::Tensor& x, const at::Tensor& expert_ids, const at::Ten
   const int64_t pairs = r.offsets.back();
   if (pairs == 0) return out;
 
+  // A bfloat16 x gives experts with many tokens to oneDNN in bfloat16 (as qlinear does), the others to the int8 jobs.
+  std::vector<bool> bf16(num_experts, false);
+  for (int64_t e = 0; e < num_experts; ++e)
+    bf16[e] = x.scalar_type() == at::kBFloat16 && prefers_bf16_gemm(r.offsets[e + 1] - r.offsets[e]);
   const QuantActivations x_act = quantize_activations(x);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor gate_out = at::empty({pairs, inter}, f32), up_out = at::empty({pairs, inter}, f32);
   std::vector<GemmJob> jobs;
-  const int64_t gate_rows = rows_per_job(2 * active_rows(r, inter));
-  add_jobs(jobs, gate, r, r.tokens.data(), gate_out.data_ptr<float>(), gate_rows);
-  add_jobs(jobs, up, r, r.tokens.data(), up_out.data_ptr<float>(), gate_rows);
+  const int64_t gate_rows = rows_per_job(2 * active_rows(r, bf16, inter));
+  add_jobs(jobs, gate, r, bf16, r.tokens.data(), gate_out.data_ptr<float>(), gate_rows);
+  add_jobs(jobs, up, r, bf16, r.tokens.data(), up_out.data_ptr<float>(), gate_rows);
   run_jobs(jobs, x_act);
 
   QuantActivations h_act = allocate_activations(pairs, inter);
   float* g = gate_out.data_ptr<float>();
   const float* u = up_out.data_ptr<float>();
-  at::parallel_for(0, pairs, std::max<int64_t>(1, 16384 / inter), [&](int64_t p0, int64_t p1) {
-    for (int64_t i = p0 * inter; i < p1 * inter; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-    quantize_rows(g, inter, p0, p1, h_act);
-  });
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t p0 = r.offsets[e], p1 = r.offsets[e + 1];
+    if (p0 == p1 || bf16[e]) continue;
+    at::parallel_for(p0, p1, std::max<int64_t>(1, 16384 / inter), [&](int64_t q0, int64_t q1) {
+      for (int64_t i = q0 * inter; i < q1 * inter; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      quantize_rows(g, inter, q0, q1, h_act);
+    });
+  }
 
   at::Tensor down_out = at::empty({pairs, hidden}, f32);
   jobs.clear();
-  add_jobs(jobs, down, r, r.iota.data(), down_out.data_ptr<float>(), rows_per_job(active_rows(r, hidden)));
+  add_jobs(jobs, down, r, bf16, r.iota.data(), down_out.data_ptr<float>(), rows_per_job(active_rows(r, bf16, hidden)));
   run_jobs(jobs, h_act);
+  for (int64_t e = 0; e < num_experts; ++e)
+    if (bf16[e]) run_bf16_expert(x, r, e, gate, up, down, down_out);
 
   const float* d = down_out.data_ptr<float>();
   const float* pw = pair_weights.data_ptr<float>();
