@@ -185,7 +185,7 @@ def active_bytes_per_token(path: Path) -> int:
             total += tensor.n_bytes * top_k // tensor.shape[-1]
         else:
             total += tensor.n_bytes
-    return total
+    return int(total)
 
 
 # ---------------------------------------------------------------- workers (each runs in its own process)
@@ -255,7 +255,10 @@ def dots_slice_decode(path: str) -> dict:
     model = load_model(path, dtype=torch.float32, device="cpu")
     runner = SequenceRunner(model, max_tokens=64)
     with torch.inference_mode():
-        token = int(runner.step(list(range(10, 18))).argmax())
+        logits = runner.step(list(range(10, 18)))
+        if not torch.isfinite(logits).all():
+            raise ValueError("the slice's logits are not finite")
+        token = int(logits.argmax())
         for _ in range(4):
             token = int(runner.step([token]).argmax())
         start, steps = time.perf_counter(), 32
