@@ -11,8 +11,10 @@
 namespace dots_cpu {
 namespace {
 
+}  // namespace
+
 // Codes of one row, 32 per chunk, into codes[K]; written so the compiler vectorizes it.
-inline void unpack_row(const QuantWeight& w, const uint8_t* lo, const uint8_t* hi, uint8_t* codes) {
+void unpack_row(const QuantWeight& w, const uint8_t* lo, const uint8_t* hi, uint8_t* codes) {
   if (w.bits == 8) {
     std::memcpy(codes, lo, w.k);
     return;
@@ -31,6 +33,8 @@ inline void unpack_row(const QuantWeight& w, const uint8_t* lo, const uint8_t* h
     }
   }
 }
+
+namespace {
 
 inline uint16_t to_bf16(float v) {
   uint32_t u;

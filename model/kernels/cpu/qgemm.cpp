@@ -54,37 +54,27 @@ Isa isa_from_env(Isa best) {
 
 std::atomic<int> g_isa{static_cast<int>(isa_from_env(detect_isa()))};
 
-inline int code_at(const QuantWeight& w, const uint8_t* lo, const uint8_t* hi, int64_t k) {
-  if (w.bits == 8) return lo[k];
-  const int64_t c = k / 32, j = k % 32;
-  const uint8_t b = lo[16 * c + (j & 15)];
-  int code = j < 16 ? (b & 15) : (b >> 4);
-  for (int p = 0; p < w.bits - 4; ++p) code |= ((hi[c * 4 * (w.bits - 4) + 4 * p + j / 8] >> (j % 8)) & 1) << (4 + p);
-  return code;
-}
-
 void run_job_scalar(const GemmJob& job, const QuantActivations& act) {
   const QuantWeight& w = job.w;
   const int64_t groups = w.k / w.group;
-  for (int64_t i = 0; i < job.m; ++i) {
-    const int64_t r = job.act_rows ? job.act_rows[i] : i;
-    float* out = job.out + (job.out_rows ? job.out_rows[i] : i) * job.ldo;
-    const int8_t* xq = act.row(r);
-    const float* dx = act.dx(w.group, r);
-    const float* xs = act.xs(w.group, r);
-    for (int64_t n = job.n0; n < job.n1; ++n) {
-      const uint8_t* lo = w.lo + n * w.lo_row;
-      const uint8_t* hi = w.hi ? w.hi + n * w.hi_row : nullptr;
+  std::vector<uint8_t> codes(w.k);
+  for (int64_t n = job.n0; n < job.n1; ++n) {
+    unpack_row(w, w.lo + n * w.lo_row, w.hi ? w.hi + n * w.hi_row : nullptr, codes.data());
+    for (int64_t i = 0; i < job.m; ++i) {
+      const int64_t r = job.act_rows ? job.act_rows[i] : i;
+      const int8_t* xq = act.row(r);
+      const float* dx = act.dx(w.group, r);
+      const float* xs = act.xs(w.group, r);
       float y = 0.f, corr = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         int32_t dot = 0;
-        for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) dot += code_at(w, lo, hi, k) * xq[k];
+        for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) dot += codes[k] * xq[k];
         const float sw = static_cast<float>(w.scale[n * groups + g]);
         const float mn = w.min ? static_cast<float>(w.min[n * groups + g]) : 0.f;
         y += sw * dx[g] * static_cast<float>(dot);
         corr += (sw * static_cast<float>(w.zero) + mn) * xs[g];
       }
-      out[n] = y - corr;
+      job.out[(job.out_rows ? job.out_rows[i] : i) * job.ldo + n] = y - corr;
     }
   }
 }
