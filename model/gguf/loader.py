@@ -36,7 +36,8 @@ def load_gguf_model(path: str | Path, *, dtype: torch.dtype, device: torch.devic
                     parallel: ParallelState | None = None, expert_metrics: bool = False,
                     moe_backend: str = "torch", keep_quantized: bool | None = None) -> Dots1ForCausalLM:
     """The model of a dots1 GGUF file (or the first file of a split set), weights loaded. ``keep_quantized``
-    (default: on the CPU) keeps quantized tensors packed; False dequantizes them into ``dtype``."""
+    (default: on the CPU, when the CPU kernels build) keeps quantized tensors packed; False dequantizes them into
+    ``dtype``."""
     device = torch.device(device)
     parallel = parallel or ParallelState()
     if parallel.world_size > 1:
@@ -44,7 +45,8 @@ def load_gguf_model(path: str | Path, *, dtype: torch.dtype, device: torch.devic
                          "checkpoint")
     checkpoint = GGUFCheckpoint(path)
     config = config_from_gguf(checkpoint)
-    keep_quantized = device.type == "cpu" if keep_quantized is None else keep_quantized
+    if keep_quantized is None:
+        keep_quantized = device.type == "cpu" and cpu_kernels_available()
     with torch.device(device), deferred_projection_weights():
         model = Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype,
                                  moe_backend="torch" if keep_quantized else moe_backend)
@@ -65,6 +67,19 @@ def load_gguf_model(path: str | Path, *, dtype: torch.dtype, device: torch.devic
     logger.info("GGUF %s: %d tensors (%s); %s", checkpoint.path.name, len(checkpoint.tensors), counts,
                 "kept in their GGUF bits on the CPU" if keep_quantized else f"dequantized to {dtype} on {device}")
     return model.eval()
+
+
+def cpu_kernels_available() -> bool:
+    """Whether the CPU quantized kernels build and load here; without them a GGUF file still serves, dequantized."""
+    from model.kernels.cpu.extension import load
+
+    try:
+        load()
+    except (RuntimeError, OSError, ImportError) as error:
+        logger.warning("the CPU quantized kernels are unavailable (%s): GGUF weights are dequantized at load instead "
+                       "(more memory, slower decoding)", error)
+        return False
+    return True
 
 
 def _check_tensors(checkpoint: GGUFCheckpoint, destinations: dict[str, Destination]) -> None:

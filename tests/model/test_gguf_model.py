@@ -1,5 +1,8 @@
 """Dots1 from GGUF files: exactly Transformers' model where the file's weights are exact, and close to the model of
 its dequantized weights where the CPU kernels quantize activations (8 bits per 32 values, as llama.cpp does)."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -17,7 +20,8 @@ from model.gguf.loader import load_gguf_model
 from model.gguf.reader import GGUFCheckpoint
 from model.loader import load_model, weight_breakdown, weight_summary
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gguf"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures" / "gguf"
 RANDOM_CONFIG = dict(vocab_size=4096, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                      num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
                      n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
@@ -134,3 +138,17 @@ def test_llama_cpp_fixtures_hold_the_mixes_of_a_1408_wide_model() -> None:
     downs = {tensor.type_name for name, tensor in q4_k_m.tensors.items() if name.endswith("ffn_down_exps.weight")}
     assert downs and downs <= {"Q5_0", "Q5_1", "Q8_0", "Q6_K"}
     assert np.prod(q4_k_m.tensors["blk.1.ffn_down_exps.weight"].shape[-1:]) % 256 != 0
+
+
+def test_without_the_cpu_kernels_a_gguf_file_serves_dequantized(tmp_path: Path) -> None:
+    """No compiler to build the kernels (a slim image): the file still loads, dequantized, with a warning."""
+    path = embedded_gguf(tmp_path, "Q8_0")
+    script = ("import logging, torch; logging.basicConfig(level=logging.WARNING); "
+              "from model.loader import load_model, weight_summary; "
+              f"print(weight_summary(load_model({str(path)!r}, dtype=torch.float32, device='cpu'))[0])")
+    env = {**os.environ, "CXX": "no-such-compiler", "DOTS_SERVE_CPU_KERNELS_BUILD": str(tmp_path / "build")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "float32"
+    assert "the CPU quantized kernels are unavailable" in result.stderr and "no-such-compiler" in result.stderr
