@@ -141,7 +141,8 @@ def resolve_attention_backend(name: str, device: torch.device | str, dtype: torc
                               query_heads_per_kv_head: int = 1, windows: tuple[int | None, ...] = (None,)
                               ) -> AttentionBackend:
     """"torch", or "triton" (and "auto" on CUDA) once a self-check of the kernels against the torch path passed on
-    ``device``; a failing check (an exception or a mismatch) logs a warning and falls back to torch."""
+    ``device``. A failing check (an exception or a mismatch) refuses an explicit "triton" with a ValueError; "auto"
+    logs a warning and falls back to torch."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
     device = torch.device(device)
@@ -151,9 +152,12 @@ def resolve_attention_backend(name: str, device: torch.device | str, dtype: torc
 
     try:
         error = check_triton_attention(device, dtype, kv_cache_dtype, head_dim, query_heads_per_kv_head, windows)
-    except Exception as e:  # compilation, launch or mismatch: the reference path still serves
-        logger.warning("triton attention failed its self-check on %s (%s: %s); using the torch attention backend",
-                       device, type(e).__name__, e)
+    except Exception as e:  # compilation, launch or mismatch
+        failure = (f"triton attention failed its self-check (check_triton_attention) on {device}: "
+                   f"{type(e).__name__}: {e}")
+        if name == "triton":
+            raise ValueError(f"--attention-backend triton: {failure}; use auto or torch") from e
+        logger.warning("%s; using the torch attention backend", failure)
         return TorchAttentionBackend()
     logger.info("attention backend: triton (self-check on %s passed, max abs error %.2g)", device, error)
     return TritonAttentionBackend()

@@ -1,8 +1,9 @@
 """Which implementation runs the routed experts: "torch" (the reference and the CPU path) or "triton" (fused MoE).
 
 "auto" is triton on CUDA and torch elsewhere. Asked for explicitly, triton runs wherever Triton does (the CPU under
-TRITON_INTERPRET=1 included). Either way it must first pass a self-check on the real device; if it does not, the
-model is served by the torch backend and the log says why.
+TRITON_INTERPRET=1 included). Either way it must first pass a self-check on the real device; if it does not, an
+explicit triton refuses to start (a ValueError naming the check), and auto serves with the torch backend and the log
+says why.
 """
 import logging
 
@@ -16,7 +17,8 @@ MOE_BACKENDS = ("auto", "torch", "triton")
 def resolve_moe_backend(requested: str, device: torch.device | str, dtype: torch.dtype, fp8: bool = False,
                         has_moe_layers: bool = True) -> str:
     """"torch" or "triton" for ``requested``; triton only once ``check_fused_moe`` passed on ``device`` (with
-    ``fp8``, its FP8 variant too). A model without MoE layers needs no check."""
+    ``fp8``, its FP8 variant too), else a ValueError for an explicit "triton". A model without MoE layers needs no
+    check."""
     if requested not in MOE_BACKENDS:
         raise ValueError(f"unknown moe_backend {requested!r}: use one of {', '.join(MOE_BACKENDS)}")
     device = torch.device(device)
@@ -29,8 +31,10 @@ def resolve_moe_backend(requested: str, device: torch.device | str, dtype: torch
     else:
         failure = check_fused_moe(device, dtype, fp8=fp8)
     if failure is not None:
-        logger.warning("the triton MoE backend failed its self-check on %s in %s (%s); using the torch backend",
-                       device, dtype, failure)
+        failure = f"the triton MoE backend failed its self-check (check_fused_moe) on {device} in {dtype}: {failure}"
+        if requested == "triton":
+            raise ValueError(f"--moe-backend triton: {failure}; use auto or torch")
+        logger.warning("%s; using the torch backend", failure)
         return "torch"
     logger.info("MoE backend: triton (fused MoE self-check passed on %s in %s)", device, dtype)
     return "triton"

@@ -20,7 +20,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
-    attention_backend: str = "auto"  # torch, triton, or auto: triton on CUDA if its start-up self-check passes
+    attention_backend: str = "auto"  # torch, triton (its self-check must pass), or auto: triton on CUDA if it passes
     kv_cache_dtype: str = "auto"  # auto: fp8 if the checkpoint has KV scales, else model; model; fp8 (e4m3)
     enforce_eager: bool = False  # never capture or replay CUDA graphs for decode steps
     expert_metrics: bool = True  # count token-expert assignments on device for the metrics

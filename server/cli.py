@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model dtype; model: the model dtype; fp8: float8 e4m3 keys and values (twice the tokens "
                         "per byte)")
     engine.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
-                        help="auto: triton paged kernels on CUDA, torch elsewhere; triton falls back to torch if its "
-                        "start-up self-check fails")
+                        help="auto: triton paged kernels on CUDA (torch if their start-up self-check fails), torch "
+                        "elsewhere; triton: refuse to start if the self-check fails")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse the KV cache of shared prompt prefixes")
     engine.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (or CPU processes) per replica")
@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="count token-expert assignments for /metrics (--no-expert-metrics saves a little time)")
     engine.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton"],
                         help="routed experts: triton (fused MoE kernels, no host syncs) or torch (the reference); "
-                        "auto: triton on CUDA, torch elsewhere; triton falls back to torch if its start-up "
-                        "self-check fails")
+                        "auto: triton on CUDA (torch if its start-up self-check fails), torch elsewhere; triton: "
+                        "refuse to start if the self-check fails")
     http = parser.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     http.add_argument("--port", type=int, default=8000, help="port to listen on")

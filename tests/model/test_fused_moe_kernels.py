@@ -11,6 +11,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import model.kernels.moe.fused_moe as fused_moe_module  # noqa: E402
+import model.kernels.moe.self_check as self_check_module  # noqa: E402
 from model.kernels.moe.align import moe_align, sorted_length_bound  # noqa: E402
 from model.kernels.moe.fp8_bits import e4m3_bits_to_scaled  # noqa: E402
 from model.kernels.moe.fused_moe import fused_moe, quantize_per_token  # noqa: E402
@@ -158,14 +159,17 @@ def test_self_check_passes_here_and_reports_a_wrong_kernel(monkeypatch):
     assert failure is not None and "off by" in failure
 
 
-def test_failed_self_check_falls_back_to_torch(monkeypatch, caplog):
+def test_failed_self_check_refuses_explicit_triton_and_auto_falls_back(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image for this device")
 
     monkeypatch.setattr(fused_moe_module, "fused_moe", broken)
+    with pytest.raises(ValueError, match="check_fused_moe.*no kernel image for this device"):
+        resolve_moe_backend("triton", "cpu", torch.float32)
+    monkeypatch.setattr(self_check_module, "check_fused_moe", lambda *args, **kwargs: "no kernel image")
     with caplog.at_level(logging.WARNING, logger="model.moe_backend"):
-        assert resolve_moe_backend("triton", "cpu", torch.float32) == "torch"
-    assert "no kernel image for this device" in caplog.text and "using the torch backend" in caplog.text
+        assert resolve_moe_backend("auto", "cuda", torch.float32) == "torch"  # auto checks on CUDA only
+    assert "check_fused_moe" in caplog.text and "using the torch backend" in caplog.text
     assert resolve_moe_backend("auto", "cpu", torch.float32) == "torch"
     with pytest.raises(ValueError, match="unknown moe_backend"):
         resolve_moe_backend("cutlass", "cpu", torch.float32)

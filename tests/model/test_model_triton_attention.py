@@ -1,5 +1,6 @@
 """The whole model with attention_backend="triton" (Triton's interpreter on the CPU, see tests/conftest.py) against
 Transformers."""
+import logging
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import torch
 from dots1_reference import build_reference, reference_generate
 from paged_runner import PagedRunner
 
+import model.attention_self_check as attention_self_check
+from model.attention_backend import resolve_attention_backend
 from model.embedded import EMBEDDED_MODEL_DIR
 from model.kv_cache import FP8_KV_DTYPE
 from model.loader import load_model
@@ -92,14 +95,24 @@ def test_fp8_kv_cache_gives_the_same_logits_in_both_backends(case):
             layer.self_attn.k_scale, layer.self_attn.v_scale = 1.0, 1.0
 
 
-def test_triton_that_cannot_run_falls_back_to_torch_with_a_warning():
-    """On a CPU without the interpreter Triton has no driver: the self-check fails and the model still loads."""
-    script = ("import logging, torch; logging.basicConfig(level=logging.INFO); from model.loader import load_model; "
-              f"m = load_model({str(EMBEDDED_MODEL_DIR)!r}, dtype=torch.float32, device='cpu', "
-              "attention_backend='triton'); print('backend', m.attention_backend.name)")
+def test_explicit_triton_that_cannot_run_refuses_to_load():
+    """On a CPU without the interpreter Triton has no driver: the self-check fails and an explicit choice is refused."""
+    script = ("import torch; from model.loader import load_model; "
+              f"load_model({str(EMBEDDED_MODEL_DIR)!r}, dtype=torch.float32, device='cpu', attention_backend='triton')")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "backend torch" in result.stdout
-    assert "triton attention failed its self-check" in result.stderr
+    assert result.returncode != 0
+    assert "ValueError: --attention-backend triton: triton attention failed its self-check (check_triton_attention)" \
+        in result.stderr
+
+
+def test_auto_falls_back_to_torch_with_a_warning_when_the_self_check_fails(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(attention_self_check, "check_triton_attention", broken)
+    with caplog.at_level(logging.WARNING, logger="model.attention_backend"):
+        backend = resolve_attention_backend("auto", "cuda", torch.bfloat16)  # auto checks on CUDA only
+    assert backend.name == "torch"
+    assert "no kernel image for this device" in caplog.text and "using the torch attention backend" in caplog.text

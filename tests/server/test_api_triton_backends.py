@@ -1,11 +1,14 @@
 """Serving with the Triton attention and MoE backends (Triton's interpreter on the CPU): Transformers' greedy tokens."""
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 import torch
-from api_server import ServerProcess
+from api_server import FAST_ENGINE_FLAGS, REPO, ServerProcess, free_port
 from transformers import Dots1ForCausalLM
 
 from model.embedded import EMBEDDED_MODEL_DIR
@@ -43,3 +46,16 @@ def test_greedy_completions_match_transformers(triton_server: ServerProcess) -> 
                                          extra_body={"return_token_ids": True, "ignore_eos": True})
     served = [choice.model_extra["token_ids"] for choice in sorted(response.choices, key=lambda c: c.index)]
     assert served == transformers_greedy(PROMPTS)
+
+
+@pytest.mark.parametrize("flag, check", [("--attention-backend", "check_triton_attention"),
+                                         ("--moe-backend", "check_fused_moe")])
+def test_an_explicit_triton_backend_that_fails_its_self_check_refuses_to_start(flag: str, check: str) -> None:
+    """Without Triton's interpreter a CPU has no Triton driver, so the self-check fails."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--port", str(free_port()), *FAST_ENGINE_FLAGS, flag, "triton"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"{flag} triton: " in result.stderr and check in result.stderr
