@@ -26,12 +26,16 @@ from scheduler.sequence import Sequence
 from scheduler.stats import RequestStats, StepStats
 from scheduler.step_plan import StepPlan, plan_step
 from scheduler.structured_output.factory import create_structured_output
-from scheduler.structured_output.manager import PendingMasks
+from scheduler.structured_output.manager import GrammarOutcome, PendingMasks
 from scheduler.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 EXPERT_COUNTS_FLUSH_S = 1.0
+
+
+class GrammarRejectedError(Exception):
+    """A sampled token that the request's grammar does not accept: the request fails, it never "stops"."""
 
 
 class EngineCore:
@@ -65,6 +69,7 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._pending: list[CoreRequestOutput] = []  # outputs of aborts and failed adds, sent with the next step
         self._finished_stats: list[RequestStats] = []
+        self._num_grammar_rejections = 0  # in the current step
         # Reports the (all zero) counts once at start-up, so every (layer, expert) series exists before traffic and
         # a rate over the first requests sees them as an increase.
         self._last_expert_flush = time.monotonic()
@@ -191,6 +196,10 @@ class EngineCore:
                 request = self._requests[seq.request_id]
                 try:
                     deltas.setdefault(request.request_id, []).append(self._postprocess(request, seq, token_id, logprob, now))
+                except GrammarRejectedError as error:  # the mask allowed a token the matcher refuses
+                    logger.error("request %s: %s", request.request_id, error)
+                    self._num_grammar_rejections += 1
+                    failed[request.request_id] = str(error)
                 except Exception as error:  # this request fails alone
                     logger.exception("post-processing request %s failed", request.request_id)
                     failed[request.request_id] = f"post-processing failed: {error!r}"
@@ -208,7 +217,10 @@ class EngineCore:
 
     def _postprocess(self, request: Request, seq: Sequence, token_id: int, logprob, now: float) -> ChoiceDelta:
         delta = request.append_token(seq, token_id, logprob)
-        if self.structured_output.advance(seq, token_id) and delta.finish_reason is None:
+        outcome = self.structured_output.advance(seq, token_id)
+        if outcome is GrammarOutcome.REJECTED:
+            raise GrammarRejectedError(f"the grammar rejected token {token_id} of choice {seq.index}")
+        if outcome is GrammarOutcome.COMPLETED and delta.finish_reason is None:
             request.end_with_grammar(delta)  # the grammar is complete: its last token is text, the choice stops
         request.stats.generation_tokens += 1
         request.stats.token_times.append(now)
@@ -312,7 +324,12 @@ class EngineCore:
             prefix_cache_queries=sched.prefix_cache_queries,
             prefix_cache_hits=sched.prefix_cache_hits,
             num_preemptions=len(sched.preempted),
+            num_grammar_rejections=self._take_grammar_rejections(),
         )
+
+    def _take_grammar_rejections(self) -> int:
+        count, self._num_grammar_rejections = self._num_grammar_rejections, 0
+        return count
 
     def _collect(self, outputs: list[CoreRequestOutput], step: StepStats | None) -> EngineCoreOutputs:
         finished, self._finished_stats = self._finished_stats, []

@@ -34,6 +34,7 @@ class StepStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache this step
     prefix_cache_hits: int  # of those, tokens found
     num_preemptions: int
+    num_grammar_rejections: int = 0  # sampled tokens a request's grammar refused (each fails its request)
 
     @property
     def num_tokens(self) -> int:

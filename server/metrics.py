@@ -72,6 +72,9 @@ class ServerMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests (all choices).")
         self.preemptions = counter("preemptions", "Sequences preempted for lack of KV cache blocks.")
+        self.grammar_rejections = counter(
+            "grammar_rejected_tokens", "Sampled tokens the request's grammar refused; each fails its request."
+        )
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.request_success = labelled_counter(
@@ -156,6 +159,7 @@ class ServerMetrics:
     def on_step(self, step: StepStats) -> None:
         self.set_gauges(step.num_running, step.num_waiting, step.kv_cache_usage)
         self.preemptions.inc(step.num_preemptions)
+        self.grammar_rejections.inc(step.num_grammar_rejections)
         self.prefix_cache_queries.inc(step.prefix_cache_queries)
         self.prefix_cache_hits.inc(step.prefix_cache_hits)
         if step.num_seqs > 0:

@@ -1,17 +1,19 @@
 """Grammar masks in the engine step: one matcher per constrained sequence, masks filled while the forward runs.
 
 The engine calls four hooks: ``start_filling`` (before the forward pass; the masks are computed in a worker thread
-while it runs), ``apply`` (on the sampling logits, before the sampler), ``advance`` (with each sampled token; True
-when the grammar is complete and the choice ends) and ``release`` (when a request ends). A matcher is kept in step
+while it runs), ``apply`` (on the sampling logits, before the sampler), ``advance`` (with each sampled token:
+accepted, completed (the choice ends) or rejected (the request fails)) and ``release`` (when a request ends). A matcher is kept in step
 with its sequence's output tokens by count, so a preempted sequence that is recomputed (or any other replay) finds
 its matcher where its tokens say it is.
 """
+import enum
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from scheduler.faults import fires_at
 from scheduler.sampling_params import InvalidParameterError, SamplingParams
 from scheduler.sequence import Sequence
 from scheduler.structured_output.backend import GrammarMatcher, apply_bitmask, bitmask_words
@@ -21,6 +23,12 @@ from scheduler.structured_output.spec import InvalidConstraintError
 logger = logging.getLogger(__name__)
 
 CONSTRAINT_PARAM = "response_format"
+
+
+class GrammarOutcome(enum.Enum):
+    ACCEPTED = "accepted"  # the token fits and the grammar goes on (an unconstrained sequence too)
+    COMPLETED = "completed"  # the token completes the grammar: the choice ends
+    REJECTED = "rejected"  # the grammar does not allow the token
 
 
 @dataclass
@@ -70,15 +78,14 @@ class StructuredOutputManager:
             apply_bitmask(constrained, pending.bitmask)
             logits[rows] = constrained
 
-    def advance(self, seq: Sequence, token_id: int) -> bool:
-        """Feeds a sampled token to ``seq``'s matcher; True when the grammar is complete (the choice should end)."""
+    def advance(self, seq: Sequence, token_id: int) -> GrammarOutcome:
+        """Feeds a sampled token (already appended to ``seq``) to its matcher."""
         matcher = self._matchers.get(seq.seq_id)
         if matcher is None:
-            return False
-        if not matcher.consume(token_id):
-            logger.warning("sequence %s: token %d was rejected by its grammar; ending the choice", seq.seq_id, token_id)
-            return True
-        return matcher.is_finished()
+            return GrammarOutcome.ACCEPTED
+        if fires_at("GRAMMAR_REJECT_AT", seq.num_output_tokens) or not matcher.consume(token_id):
+            return GrammarOutcome.REJECTED
+        return GrammarOutcome.COMPLETED if matcher.is_finished() else GrammarOutcome.ACCEPTED
 
     def release(self, seqs: list[Sequence]) -> None:
         for seq in seqs:

@@ -9,6 +9,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from api_server import ServerProcess
 from conftest import MODEL
 from openai_schema import validate
 from pydantic import BaseModel, Field
@@ -220,3 +221,24 @@ def assert_same_greedy(batched: dict, alone: dict) -> None:
             assert first["logprob"] - second["logprob"] < 1e-4, (got, expected)
             return
     assert batched["message"]["content"] == alone["message"]["content"]
+
+
+def test_a_token_the_grammar_rejects_fails_the_request_and_is_counted() -> None:
+    """A fault hook makes every matcher reject its sequence's third token: never a "stop", always an error."""
+    with ServerProcess(env={"DOTS_SERVE_FAULT_GRAMMAR_REJECT_AT": "3"}) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:
+        schema = json_schema_format(SCHEMAS["nested objects"])  # no answer completes it in fewer than 3 tokens
+        body = {"model": MODEL, "messages": ASK, "response_format": schema, "max_tokens": 40}
+        events = stream(http, CHAT, body)
+        assert events[-1] == DONE
+        validate(events[-2], "ErrorResponse")
+        assert "the grammar rejected token" in events[-2]["error"]["message"]
+        assert all(choice["finish_reason"] in (None, "error") for chunk in events[:-2] for choice in chunk["choices"])
+        response = http.post(CHAT, json=body)
+        assert response.status_code == 500
+        validate(response.json(), "ErrorResponse")
+        assert "the grammar rejected token" in response.json()["error"]["message"]
+        free = http.post(CHAT, json={"model": MODEL, "messages": ASK, "max_tokens": 5})  # no grammar: unaffected
+        assert free.status_code == 200
+        metrics = http.get("/metrics").text
+        assert re.search(r"^dots_serve_grammar_rejected_tokens_total\{[^}]*\} 2\.0$", metrics, re.MULTILINE), metrics
