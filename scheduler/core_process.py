@@ -2,7 +2,8 @@
 
 Socket I/O runs on two threads (zmq releases the GIL while it waits): one receives and decodes inputs into a
 queue, one encodes and sends outputs, so the loop itself only steps. The process exits when its front end asks,
-when the executor can no longer run (after telling the front end why), and when its parent process is gone.
+when the executor or one of those threads can no longer run (after telling the front end why, where it still can),
+and when its parent process is gone.
 """
 import logging
 import os
@@ -19,6 +20,7 @@ from scheduler.core_messages import (
     request_decoder,
 )
 from scheduler.engine_core import EngineCore
+from scheduler.faults import InjectedFault, fires_at
 from scheduler.outputs import EngineDeadError
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = False
+        self.outputs = outputs
+        self.thread_failure: str | None = None  # set by the input or output thread when it dies
         threading.Thread(target=self._receive, args=(inputs,), name="engine-input", daemon=True).start()
         self.sender = threading.Thread(target=self._send, args=(outputs,), name="engine-output", daemon=True)
         self.sender.start()
@@ -69,6 +73,7 @@ class EngineLoop:
         try:
             self.outbox.put((OUTPUTS, self.core.step()))  # the start-up expert counts, before any traffic
             while not self.stopping:
+                self._raise_if_thread_failed()
                 if not self.core.has_unfinished():
                     self._apply(self._next_input())
                 self._apply_pending()
@@ -86,7 +91,10 @@ class EngineLoop:
         except BaseException as error:
             reason = f"the engine core failed: {error}"
             logger.exception("%s; the engine process exits", reason)
-            self.outbox.put((DEAD, EngineDead(reason)))
+            if self.sender.is_alive():
+                self.outbox.put((DEAD, EngineDead(reason)))
+            else:  # this thread is now the only one using the socket
+                self.outputs.send_multipart([DEAD, encoder.encode(EngineDead(reason))])
             return self._finish(EXIT_FAILED)
 
     def _next_input(self) -> tuple[bytes, object]:
@@ -94,6 +102,7 @@ class EngineLoop:
             try:
                 return self.inbox.get(timeout=HEALTH_POLL_S)
             except queue.Empty:
+                self._raise_if_thread_failed()
                 if not self.core.executor.is_alive:
                     raise EngineDeadError("the model executor stopped while idle (a tensor-parallel rank is gone)")
 
@@ -119,15 +128,36 @@ class EngineLoop:
             self.core.finish_choices(message)
         elif kind == SHUTDOWN:
             self.stopping = True
+        else:
+            self._raise_if_thread_failed()
 
     def _finish(self, code: int) -> int:
         self.outbox.put(None)
         self.sender.join(timeout=LINGER_MS / 1000)
         return code
 
+    def _raise_if_thread_failed(self) -> None:
+        if self.thread_failure is not None:
+            raise EngineDeadError(self.thread_failure)
+
+    def _thread_failed(self, error: BaseException) -> None:
+        logger.exception("the engine's %s thread failed", threading.current_thread().name)
+        self.thread_failure = f"the {threading.current_thread().name} thread failed: {error!r}"
+
     def _receive(self, socket: zmq.Socket) -> None:
+        try:
+            self._receive_until_shutdown(socket)
+        except BaseException as error:
+            self._thread_failed(error)
+            self.inbox.put((DEAD, None))  # wakes the loop, which then raises
+
+    def _receive_until_shutdown(self, socket: zmq.Socket) -> None:
+        received = 0
         while True:
             kind, payload = socket.recv_multipart()
+            received += 1
+            if fires_at("INPUT_THREAD_AT", received):
+                raise InjectedFault(f"injected input thread failure at message {received}")
             if kind == ADD:
                 self.inbox.put((ADD, request_decoder.decode(payload)))
             elif kind == FINISH:
@@ -137,9 +167,16 @@ class EngineLoop:
                 return
 
     def _send(self, socket: zmq.Socket) -> None:
-        while (item := self.outbox.get()) is not None:
-            kind, message = item
-            socket.send_multipart([kind, encoder.encode(message)], copy=False)
+        try:
+            sent = 0
+            while (item := self.outbox.get()) is not None:
+                sent += 1
+                if fires_at("OUTPUT_THREAD_AT", sent):
+                    raise InjectedFault(f"injected output thread failure at message {sent}")
+                kind, message = item
+                socket.send_multipart([kind, encoder.encode(message)], copy=False)
+        except BaseException as error:
+            self._thread_failed(error)
 
 
 def _carries_news(outputs: EngineCoreOutputs) -> bool:

@@ -15,7 +15,9 @@ from scheduler.config import EngineConfig
 from scheduler.core_messages import (
     ChoiceDelta, CoreRequestOutput, EngineCoreOutputs, EngineCoreRequest, EngineInfo, FinishChoice,
 )
+from scheduler.device_check import check_device
 from scheduler.executor_factory import create_executor
+from scheduler.faults import InjectedFault, fires_at
 from scheduler.outputs import EngineDeadError, RequestRejected
 from scheduler.request import Request
 from scheduler.request_check import check_request
@@ -69,6 +71,7 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._pending: list[CoreRequestOutput] = []  # outputs of aborts and failed adds, sent with the next step
         self._finished_stats: list[RequestStats] = []
+        self._num_forwards = 0
         self._num_grammar_rejections = 0  # in the current step
         # Reports the (all zero) counts once at start-up, so every (layer, expert) series exists before traffic and
         # a rate over the first requests sees them as an increase.
@@ -133,12 +136,17 @@ class EngineCore:
 
     def _run(self, sched: SchedulerOutput) -> list[CoreRequestOutput]:
         plan = plan_step(sched.scheduled, self.block_manager.block_size)
+        self._num_forwards += 1
         try:
             masks = self.structured_output.start_filling(plan.sample_seqs)  # on the CPU while the forward runs
+            if fires_at("STEP_AT", self._num_forwards):
+                raise InjectedFault(f"injected failure of forward {self._num_forwards}")
             logits = self.executor.execute(plan.batch)  # [L, V]
         except EngineDeadError:  # the executor cannot run again (a tensor-parallel rank is gone)
             raise
-        except Exception as error:  # a failing forward fails this batch only; the engine keeps serving
+        except Exception as error:  # a failing forward fails this batch only, while the device still works
+            if not isinstance(error, torch.OutOfMemoryError):
+                check_device(self.device)
             logger.exception("engine step failed; failing the requests in its batch")
             batch_request_ids = dict.fromkeys(seq.request_id for seq, _ in sched.scheduled)
             return [self._end_request(self._requests[rid], "error", f"engine step failed: {error!r}")

@@ -1,4 +1,5 @@
-"""A request whose post-processing fails (sampling, token handling, detokenization) fails alone; the rest go on."""
+"""A request whose post-processing fails (sampling, token handling, detokenization) fails alone; a forward that fails
+once fails its batch; the rest go on."""
 import asyncio
 import time
 from collections.abc import Iterator
@@ -97,3 +98,19 @@ def test_failing_detokenization_in_the_front_end_fails_that_request_alone(engine
     wait_idle(engine)  # the core was told to drop the failed request
     finished = {r.request_id: r.finish_reason for r in engine.processor.stats_listener.requests}
     assert finished["bad-text"] == "abort" and finished["first"] == "length"
+
+
+def test_a_one_off_step_failure_fails_its_batch_and_the_next_requests_succeed(engine: AsyncEngine,
+                                                                               monkeypatch) -> None:
+    core = engine.client.core
+    monkeypatch.setenv("DOTS_SERVE_FAULT_STEP_AT", str(core._num_forwards + 1))  # the next forward raises
+    results = run_three(engine, "second")
+    errors = [outputs[-1].error for outputs in results.values() if outputs[-1].error is not None]
+    assert errors and all("injected failure of forward" in error for error in errors)
+    for outputs in results.values():
+        assert outputs[-1].finished
+        assert outputs[-1].outputs[-1].finish_reason == ("error" if outputs[-1].error else "length")
+    assert engine.is_alive
+    wait_idle(engine)
+    for outputs in run_three(engine, "again").values():
+        assert outputs[-1].error is None and outputs[-1].outputs[-1].finish_reason == "length"

@@ -1,5 +1,6 @@
-"""The engine core in its own process: a killed engine fails every stream with an error event and takes the server
-down (non-zero, no process left behind); a drain past its deadline aborts running and queued requests alike."""
+"""The engine core in its own process: a killed engine, a dead input or output thread in it, or a device that fails
+for good fails every stream with an error event and takes the server down (non-zero, no process left behind); a drain
+past its deadline aborts running and queued requests alike."""
 import os
 import re
 import signal
@@ -68,6 +69,44 @@ def test_a_killed_engine_ends_every_stream_with_an_error_and_the_server_exits_no
         validate(refused.json(), "ErrorResponse")
         assert server.wait(60) != 0
         wait_for(lambda: not any(is_running(pid) for pid in children), 30, "every child process to exit")
+
+
+def assert_engine_died(server: ServerProcess, streams: list[Stream], message: str) -> None:
+    """Every stream ended with an engine_dead error event naming ``message``; /health says dead; the server exits
+    non-zero and leaves no process behind."""
+    children = descendants(server.process.pid)
+    for stream in streams:
+        assert stream.ended.wait(STREAM_END_DEADLINE_S), "a stream did not end after the engine died"
+        assert stream.events[-1] == DONE
+        error = stream.events[-2]
+        validate(error, "ErrorResponse")
+        assert error["error"]["code"] == "engine_dead" and message in error["error"]["message"], error
+        assert "stop" not in stream.finish_reasons()
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 503
+    assert server.wait(60) != 0
+    wait_for(lambda: not any(is_running(pid) for pid in children), 30, "every child process to exit")
+
+
+def test_a_failed_input_thread_in_the_engine_kills_the_engine() -> None:
+    # Message 1 is the first request; receiving the second one raises.
+    with ServerProcess(env={"DOTS_SERVE_FAULT_INPUT_THREAD_AT": "2"}) as server:
+        first = Stream(server.url, max_tokens=1900)
+        assert first.started.wait(60)
+        second = Stream(server.url, max_tokens=1900)
+        assert_engine_died(server, [first, second], "the engine-input thread failed")
+
+
+def test_a_failed_output_thread_in_the_engine_kills_the_engine() -> None:
+    with ServerProcess(env={"DOTS_SERVE_FAULT_OUTPUT_THREAD_AT": "30"}) as server:
+        streams = [Stream(server.url, max_tokens=1900) for _ in range(2)]
+        assert_engine_died(server, streams, "the engine-output thread failed")
+
+
+def test_a_device_that_fails_for_good_kills_the_engine() -> None:
+    env = {"DOTS_SERVE_FAULT_STEP_AT": "10", "DOTS_SERVE_FAULT_DEVICE_BROKEN": "1"}
+    with ServerProcess(env=env) as server:
+        streams = [Stream(server.url, max_tokens=1900) for _ in range(2)]
+        assert_engine_died(server, streams, "fails after a failed step")
 
 
 def test_drain_past_the_deadline_aborts_running_and_queued_requests() -> None:
