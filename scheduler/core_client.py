@@ -14,6 +14,7 @@ import threading
 
 import zmq
 
+from scheduler.child_process import stop_signals_blocked
 from scheduler.config import EngineConfig
 from scheduler.core_messages import (
     ADD, DEAD, FINISH, OUTPUTS, READY, SHUTDOWN, EngineCoreOutputs, EngineCoreRequest, EngineInfo, FinishChoice,
@@ -100,7 +101,9 @@ class InprocClient:
 
 
 class MultiprocessClient:
-    """The core in a spawned process, over ZeroMQ (IPC sockets) with msgspec messages: the server's default."""
+    """The core in a spawned process, over ZeroMQ (IPC sockets) with msgspec messages: the server's default.
+
+    The process ignores SIGTERM and SIGINT; ``shutdown`` asks it to exit, waits, then kills it."""
 
     def __init__(self, config: EngineConfig) -> None:
         self._directory = tempfile.mkdtemp(prefix="dots-serve-engine-")
@@ -123,7 +126,8 @@ class MultiprocessClient:
             target=run_engine_core, name="dots-serve-engine",
             args=(config, input_address, output_address, logging.getLogger().getEffectiveLevel(), os.getpid()),
         )
-        self.process.start()
+        with stop_signals_blocked():
+            self.process.start()
         logger.info("engine core: process pid %d", self.process.pid)
         try:
             self.info = self._wait_until_ready()
@@ -169,7 +173,7 @@ class MultiprocessClient:
                 exited = True
 
     def shutdown(self) -> None:
-        """Asks the core to abort what is left and exit; waits for the process (terminating it if it hangs)."""
+        """Asks the core to abort what is left and exit; waits for the process (killing it if it hangs)."""
         if self._shutting_down:
             return
         self._shutting_down = True
@@ -215,11 +219,9 @@ class MultiprocessClient:
     def _stop_process(self, timeout_s: float) -> None:
         self.process.join(timeout_s)
         if self.process.exitcode is None:
-            logger.warning("the engine process did not exit in %.0fs; terminating it", timeout_s)
-            self.process.terminate()
-            self.process.join(5.0)
-        if self.process.exitcode is None:
-            self.process.kill()
+            if timeout_s > 0:
+                logger.warning("the engine process did not exit in %.0fs; killing it", timeout_s)
+            self.process.kill()  # it ignores SIGTERM
             self.process.join()
 
     def _close(self) -> None:

@@ -3,17 +3,17 @@
 Socket I/O runs on two threads (zmq releases the GIL while it waits): one receives and decodes inputs into a
 queue, one encodes and sends outputs, so the loop itself only steps. The process exits when its front end asks,
 when the executor or one of those threads can no longer run (after telling the front end why, where it still can),
-and when its parent process is gone.
+and when its parent process is gone. It ignores SIGTERM and SIGINT: only the front end decides when it stops.
 """
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 
 import zmq
 
+from scheduler.child_process import become_engine_child
 from scheduler.config import EngineConfig
 from scheduler.core_messages import (
     ADD, DEAD, FINISH, OUTPUTS, READY, SHUTDOWN, EngineCoreOutputs, EngineDead, encoder, finish_decoder,
@@ -35,7 +35,7 @@ EXIT_OK, EXIT_FAILED, EXIT_ORPHANED = 0, 1, 3
 def run_engine_core(config: EngineConfig, input_address: str, output_address: str, log_level: int,
                     parent_pid: int) -> None:
     """Process entry point (spawned by MultiprocessClient)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server drains first
+    become_engine_child()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s",
                         force=True)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="orphan-watch", daemon=True).start()

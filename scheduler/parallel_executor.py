@@ -40,7 +40,7 @@ from scheduler.tp_batch import send_shutdown, send_step
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often a waiting caller and the watchdog look at the workers
-WORKER_EXIT_GRACE_S = 10.0  # after the shutdown command, before workers are terminated
+WORKER_EXIT_GRACE_S = 10.0  # after the shutdown command, before workers are killed
 CLOSE_TIMEOUT_S = 5.0  # for the shutdown broadcast and tearing down the process group
 
 
@@ -172,7 +172,7 @@ class ParallelExecutor:
         return self._shard.take_expert_counts()
 
     def shutdown(self) -> None:
-        """Ends every worker (a shutdown command, then terminate) and releases rank 0's shard. Safe to call twice."""
+        """Ends every worker (a shutdown command, then kill) and releases rank 0's shard. Safe to call twice."""
         if self._closed:
             return
         self._closed = True  # from here on workers exiting is expected, not a failure
@@ -250,10 +250,7 @@ class ParallelExecutor:
             pending = [sentinel for sentinel in pending if sentinel not in exited]
         for process in self._workers:
             if process.is_alive():
-                process.terminate()
-                process.join(CLOSE_TIMEOUT_S)
-            if process.is_alive():
-                process.kill()
+                process.kill()  # workers ignore SIGTERM
                 process.join()
 
     def _close_process_group(self) -> None:

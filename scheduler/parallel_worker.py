@@ -1,11 +1,10 @@
 """A tensor-parallel worker process (ranks 1..N-1): loads its shard, then runs every batch rank 0 broadcasts.
 
 A worker reports a failure to the engine process through its pipe (one line) and exits; it exits too when the
-engine process is gone, so no worker outlives the server.
+engine process is gone, so no worker outlives the server. It ignores SIGTERM and SIGINT, as the engine process does.
 """
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ import torch.distributed as dist
 
 from model.device import resolve_device
 from model.parallel import ParallelState
+from scheduler.child_process import become_engine_child
 from scheduler.config import EngineConfig
 from scheduler.cuda_graph_runner import StepGraph
 from scheduler.model_runner import ModelExecutor
@@ -33,7 +33,7 @@ def run_worker(rank: int, world_size: int, store_port: int, config: EngineConfig
                error_pipe: Connection, parent_pid: int, log_level: int,
                make_graph: Callable[[], StepGraph] | None = None) -> None:
     """Process entry point (spawned by ParallelExecutor)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server drains first
+    become_engine_child()
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s [rank {rank}]: %(message)s",
                         force=True)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="orphan-watch", daemon=True).start()

@@ -35,3 +35,10 @@ def child_pids(pid: int) -> list[int]:
 def descendants(pid: int) -> set[int]:
     children = set(child_pids(pid))
     return children | {grandchild for child in children for grandchild in descendants(child)}
+
+
+def ignored_signals(pid: int) -> set[int]:
+    """The signals the process ignores (SigIgn in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        mask = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
+    return {signum for signum in range(1, 65) if mask >> (signum - 1) & 1}

@@ -38,7 +38,12 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
 
 
 class ServerProcess:
-    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+    """``own_process_group``: the server leads a process group of its own (as under systemd or docker), so that a
+    signal to the group reaches its whole tree and nothing else. ``until_ready=False``: return once it answers
+    /health (still loading the model)."""
+
+    def __init__(self, *flags: str, env: dict[str, str] | None = None, own_process_group: bool = False,
+                 until_ready: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(tempfile.mkstemp(prefix="dots-serve-", suffix=".log")[1])
@@ -47,10 +52,11 @@ class ServerProcess:
         with open(self.log, "wb") as output:
             self.process = subprocess.Popen(
                 args, cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
-                env={**os.environ, **THREAD_ENV, **(env or {})},
+                env={**os.environ, **THREAD_ENV, **(env or {})}, start_new_session=own_process_group,
             )
         try:
-            wait_for(self.is_ready, STARTUP_TIMEOUT_S, "the server to become ready")
+            wait_for(self.is_ready if until_ready else self.is_listening, STARTUP_TIMEOUT_S,
+                     "the server to become ready" if until_ready else "the server to listen")
         except AssertionError:
             self.stop()
             raise AssertionError(f"the server did not become ready:\n{self.log_text()}") from None
@@ -60,11 +66,20 @@ class ServerProcess:
             raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log_text()}")
         return httpx.get(f"{self.url}/ready", timeout=5).status_code == 200
 
+    def is_listening(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log_text()}")
+        return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.process.send_signal(signum)
+
+    def signal_group(self, signum: int) -> None:
+        """The signal to every process of the server's group (needs ``own_process_group``)."""
+        os.killpg(self.process.pid, signum)
 
     def wait(self, timeout_s: float = 60.0) -> int:
         return self.process.wait(timeout=timeout_s)

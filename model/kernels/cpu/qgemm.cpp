@@ -108,13 +108,6 @@ void set_isa(Isa isa) {
   g_isa.store(static_cast<int>(static_cast<int>(isa) < static_cast<int>(best) ? isa : best));
 }
 
-const float* QuantActivations::dx(int group, int64_t r) const {
-  return group == 16 ? dx16.data_ptr<float>() + r * (k / 16) : dx32.data_ptr<float>() + r * (k / 32);
-}
-const float* QuantActivations::xs(int group, int64_t r) const {
-  return group == 16 ? xs16.data_ptr<float>() + r * (k / 16) : xs32.data_ptr<float>() + r * (k / 32);
-}
-
 QuantWeight QuantWeight::expert(int64_t e) const {
   QuantWeight w = *this;
   w.lo += e * n * lo_row;

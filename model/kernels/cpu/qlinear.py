@@ -20,6 +20,8 @@ def _activations(x: torch.Tensor) -> torch.Tensor:
 
 def qlinear(x: torch.Tensor, w: PackedQuantWeight) -> torch.Tensor:
     """x [..., K] -> float32 [..., N]."""
+    if x.dim() == 2:
+        return load().qlinear(_activations(x), [w.lo, w.hi, w.scale, w.min], [w.bits, w.group_size, w.zero])
     tensors, fmt = weight_args(w)
     return load().qlinear(_activations(x.reshape(-1, x.shape[-1])), tensors, fmt).view(*x.shape[:-1], -1)
 

@@ -32,11 +32,13 @@ struct QuantWeight {
 // dx = d and xs = d * sum(q) (the activation side of the zero-point and min corrections).
 struct QuantActivations {
   int64_t m = 0, k = 0;
-  at::Tensor q, dx32, xs32, dx16, xs16;  // int8 [M, K], float32 [M, K / 32] x2, [M, K / 16] x2
+  at::Tensor storage;  // one allocation holding the arrays below
+  int8_t* q = nullptr;  // [M, K]
+  float *dx32 = nullptr, *xs32 = nullptr, *dx16 = nullptr, *xs16 = nullptr;  // [M, K / 32] x2, [M, K / 16] x2
 
-  const int8_t* row(int64_t r) const { return q.data_ptr<int8_t>() + r * k; }
-  const float* dx(int group, int64_t r) const;
-  const float* xs(int group, int64_t r) const;
+  const int8_t* row(int64_t r) const { return q + r * k; }
+  const float* dx(int group, int64_t r) const { return group == 16 ? dx16 + r * (k / 16) : dx32 + r * (k / 32); }
+  const float* xs(int group, int64_t r) const { return group == 16 ? xs16 + r * (k / 16) : xs32 + r * (k / 32); }
 };
 
 // out[out_row(i), n] = sum_k w[n, k] * act[act_row(i), k] for i < m, n0 <= n < n1; rows are identity when null.

@@ -84,9 +84,8 @@ template <typename T>
 void quantize_range(const T* x, int64_t ld, int64_t row0, int64_t row1, QuantActivations& act) {
   const bool simd = active_isa() != Isa::scalar;
   const int64_t blocks = act.k / kBlock;
-  int8_t* q = act.q.data_ptr<int8_t>();
-  float *dx32 = act.dx32.data_ptr<float>(), *xs32 = act.xs32.data_ptr<float>();
-  float *dx16 = act.dx16.data_ptr<float>(), *xs16 = act.xs16.data_ptr<float>();
+  int8_t* q = act.q;
+  float *dx32 = act.dx32, *xs32 = act.xs32, *dx16 = act.dx16, *xs16 = act.xs16;
   for (int64_t r = row0; r < row1; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t at32 = r * blocks + b;
@@ -101,15 +100,17 @@ void quantize_range(const T* x, int64_t ld, int64_t row0, int64_t row1, QuantAct
 
 QuantActivations allocate_activations(int64_t m, int64_t k) {
   TORCH_CHECK(k % kBlock == 0, "K (", k, ") must be a multiple of 32");
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
   QuantActivations act;
   act.m = m;
   act.k = k;
-  act.q = at::empty({m, k}, at::TensorOptions().dtype(at::kChar));
-  act.dx32 = at::empty({m, k / 32}, f32);
-  act.xs32 = at::empty({m, k / 32}, f32);
-  act.dx16 = at::empty({m, k / 16}, f32);
-  act.xs16 = at::empty({m, k / 16}, f32);
+  const int64_t floats = m * (k / 32) * 2 + m * (k / 16) * 2;
+  act.storage = at::empty({floats * 4 + m * k}, at::TensorOptions().dtype(at::kByte));
+  float* f = reinterpret_cast<float*>(act.storage.data_ptr<uint8_t>());
+  act.dx32 = f;
+  act.xs32 = act.dx32 + m * (k / 32);
+  act.dx16 = act.xs32 + m * (k / 32);
+  act.xs16 = act.dx16 + m * (k / 16);
+  act.q = reinterpret_cast<int8_t*>(f + floats);
   return act;
 }
 

@@ -1,0 +1,73 @@
+"""Stop signals sent to the server's whole process group, as systemd (KillMode=control-group), supervisord
+(stopasgroup), docker and Ctrl-C send them: in-flight requests still finish, the server exits 0, and no process or
+resource-tracker complaint is left behind."""
+import re
+import signal
+import threading
+
+import httpx
+import pytest
+from api_server import ServerProcess, wait_for
+from conftest import MODEL
+from process_table import descendants, ignored_signals, is_running
+from sse_events import DONE, parse_events
+
+MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
+MAX_TOKENS = 200
+ENGINE_PID_LINE = re.compile(r"engine core: process pid (\d+)")
+
+
+class Stream:
+    """A streaming chat request read on a thread to its end."""
+
+    def __init__(self, url: str) -> None:
+        self.events: list = []
+        self.started = threading.Event()
+        payload = {"model": MODEL, "messages": MESSAGES, "stream": True, "ignore_eos": True,
+                   "max_tokens": MAX_TOKENS, "stream_options": {"include_usage": True}}
+        self.thread = threading.Thread(target=self.run, args=(url, payload), daemon=True)
+        self.thread.start()
+
+    def run(self, url: str, payload: dict) -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=payload, timeout=120) as response:
+                for event in parse_events(response.iter_lines()):
+                    self.events.append(event)
+                    self.started.set()
+        finally:
+            self.started.set()
+
+    def result(self) -> list:
+        self.thread.join(timeout=120)
+        assert not self.thread.is_alive()
+        return self.events
+
+
+def assert_nothing_left(server: ServerProcess, tree: set[int]) -> None:
+    wait_for(lambda: not any(is_running(pid) for pid in tree), 30, "every process of the tree to exit")
+    log = server.log_text()
+    assert "resource_tracker" not in log and "leaked" not in log, log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_the_process_group_drains_in_flight_streams(signum: int) -> None:
+    with ServerProcess("--shutdown-timeout", "120", own_process_group=True) as server:
+        tree = descendants(server.process.pid)
+        assert len(tree) >= 2  # the engine process and multiprocessing's resource tracker
+        engine_pid = int(ENGINE_PID_LINE.search(server.log_text()).group(1))
+        assert {signal.SIGTERM, signal.SIGINT} <= ignored_signals(engine_pid)
+        streams = [Stream(server.url) for _ in range(2)]
+        for stream in streams:
+            assert stream.started.wait(60)
+        server.signal_group(signum)
+        wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 503, 30, "/ready to report draining")
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_draining"
+        for stream in streams:
+            events = stream.result()
+            assert events[-1] == DONE
+            assert events[-2]["usage"]["completion_tokens"] == MAX_TOKENS
+            assert [c["finish_reason"] for e in events[:-2] for c in e["choices"] if c["finish_reason"]] == ["length"]
+        assert server.wait(60) == 0
+        assert f"{signal.Signals(signum).name} received: draining" in server.log_text()
+        assert_nothing_left(server, tree)
