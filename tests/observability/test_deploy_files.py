@@ -218,3 +218,18 @@ def test_every_shipped_command_line_is_accepted_by_the_server_cli():
     k8s = parse_args(container_command(container["args"]))
     assert k8s.tensor_parallel_size == int(container["resources"]["limits"]["nvidia.com/gpu"])
     assert parse_args(container_command(cpu["services"]["dots-serve"]["command"])).device == "cpu"
+
+
+def test_systemd_unit_drains_before_it_kills():
+    """The whole cgroup gets SIGTERM (the server drains, its children ignore it), and SIGKILL only after the drain."""
+    unit = {}
+    for line in (DEPLOY / "systemd" / "dots-serve.service").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            unit[key] = value
+    assert unit["KillMode"] == "control-group" and unit["KillSignal"] == "SIGTERM"
+    command = unit["ExecStart"].split()
+    args = parse_args(command[1:])
+    assert command[0].endswith("/dots-serve")
+    assert parse_seconds(unit["TimeoutStopSec"] + "s") > args.shutdown_timeout + 30  # + the engine's own shutdown
+    assert unit["Restart"] == "on-failure"
