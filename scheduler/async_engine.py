@@ -65,12 +65,14 @@ class RequestStream:
 class AsyncEngine:
     def __init__(
         self, config: EngineConfig, stats_listener: StatsListener | None = None, engine_process: bool = True,
-        on_dead: Callable[[EngineDeadError], None] | None = None,
+        on_dead: Callable[[EngineDeadError], None] | None = None, cancel_start: threading.Event | None = None,
     ) -> None:
+        """``cancel_start``: set from another thread, it stops an engine process that is still loading (the
+        constructor then raises StartCancelled)."""
         self.tokenizer = load_tokenizer(config.model)  # the caller's (tokenizing prompts, chat templates)
         # Its own tokenizer: only the output thread decodes with it.
         self.processor = OutputProcessor(load_tokenizer(config.model), stats_listener)
-        self.client = MultiprocessClient(config) if engine_process else InprocClient(config)
+        self.client = MultiprocessClient(config, cancel_start) if engine_process else InprocClient(config)
         self.info = self.client.info
         self.vocab_size = self.info.vocab_size
         self.max_model_len = self.info.max_model_len

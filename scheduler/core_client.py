@@ -100,12 +100,17 @@ class InprocClient:
             self._condition.notify()
 
 
+class StartCancelled(Exception):
+    """The front end stopped while the engine process was still starting (loading the model)."""
+
+
 class MultiprocessClient:
     """The core in a spawned process, over ZeroMQ (IPC sockets) with msgspec messages: the server's default.
 
-    The process ignores SIGTERM and SIGINT; ``shutdown`` asks it to exit, waits, then kills it."""
+    The process ignores SIGTERM and SIGINT; ``shutdown`` asks it to exit, waits, then kills it. Setting ``cancel``
+    while it starts kills it at once and raises StartCancelled from the constructor."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, cancel: threading.Event | None = None) -> None:
         self._directory = tempfile.mkdtemp(prefix="dots-serve-engine-")
         input_address = f"ipc://{self._directory}/input"
         output_address = f"ipc://{self._directory}/output"
@@ -130,7 +135,7 @@ class MultiprocessClient:
             self.process.start()
         logger.info("engine core: process pid %d", self.process.pid)
         try:
-            self.info = self._wait_until_ready()
+            self.info = self._wait_until_ready(cancel or threading.Event())
         except BaseException:
             self._stop_process(0.0)
             self._close()
@@ -189,8 +194,10 @@ class MultiprocessClient:
         """Closes the sockets; after shutdown, once nothing calls get_outputs any more."""
         self._close()
 
-    def _wait_until_ready(self) -> EngineInfo:
+    def _wait_until_ready(self, cancel: threading.Event) -> EngineInfo:
         while True:
+            if cancel.is_set():
+                raise StartCancelled("the engine process was stopped while starting")
             if self._output.poll(POLL_MS):
                 kind, payload = self._output.recv_multipart()
                 if kind == READY:

@@ -20,7 +20,7 @@ from scheduler.core_messages import (
     request_decoder,
 )
 from scheduler.engine_core import EngineCore
-from scheduler.faults import InjectedFault, fires_at
+from scheduler.faults import InjectedFault, fault_number, fires_at
 from scheduler.outputs import EngineDeadError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     outputs.setsockopt(zmq.SNDHWM, 0)
     outputs.connect(output_address)
     try:
+        time.sleep(fault_number("LOAD_DELAY_S") or 0.0)
         core = EngineCore(config)
     except BaseException as error:
         logger.exception("the engine core could not start")

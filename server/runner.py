@@ -57,7 +57,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(config: ServerConfig, engine_config: EngineConfig, info: dict[str, str]) -> int:
-    """Serves until a signal (exit status 0), a failed model load or a dead engine (exit status 1)."""
+    """Serves until a signal (exit status 0), a failed model load, a signal before the model loaded or a dead engine
+    (exit status 1)."""
     metrics = ServerMetrics(config.model_name, info)
     state = ServerState(config, engine_config, metrics)
     uvicorn_config = uvicorn.Config(
@@ -73,4 +74,7 @@ def run_server(config: ServerConfig, engine_config: EngineConfig, info: dict[str
     server = DrainingServer(uvicorn_config, state)
     uvicorn_config.app = build_app(state, on_load_failure=server.stop_after_failure)
     server.run()
-    return 1 if state.load_error is not None or state.engine_error is not None else 0
+    if state.engine is None and state.load_error is None:
+        logger.error("the server stopped before the model was loaded")
+    served = state.engine is not None and state.load_error is None and state.engine_error is None
+    return 0 if served else 1

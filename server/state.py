@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 LOADING_RETRY_AFTER_S = "10"
 ENGINE_DEAD_EXIT_GRACE_S = 3.0  # after the engine died: time for the failed streams to send their error events
+LOAD_STOP_TIMEOUT_S = 10.0  # at shutdown, how long a model load may take to give up (an engine process is killed)
 
 
 class ServerState:
@@ -31,6 +32,10 @@ class ServerState:
         self.token_texts: TokenTexts | None = None
         self.load_error: BaseException | None = None
         self.engine_error: BaseException | None = None  # the engine process died: the server exits non-zero
+        self._stop_loading = threading.Event()
+        self._loader: threading.Thread | None = None
+        self._load_lock = threading.Lock()
+        self._built: AsyncEngine | None = None  # once constructed, even if the load was cancelled meanwhile
 
     async def load(self, on_failure: Callable[[], None]) -> None:
         """Builds the engine in a daemon thread (minutes for a large checkpoint) while probes answer."""
@@ -43,13 +48,20 @@ class ServerState:
         def build() -> None:
             try:
                 engine = AsyncEngine(self.engine_config, stats_listener=self.metrics.stats_listener,
-                                     engine_process=self.config.engine_process, on_dead=engine_died)
+                                     engine_process=self.config.engine_process, on_dead=engine_died,
+                                     cancel_start=self._stop_loading)
             except BaseException as error:  # reported through the future, then the server exits
-                loop.call_soon_threadsafe(loaded.set_exception, error)
-            else:
-                loop.call_soon_threadsafe(loaded.set_result, engine)
+                _settle(loop, loaded, error)
+                return
+            with self._load_lock:
+                if self._stop_loading.is_set():  # shutdown came first: this engine is never served
+                    engine.shutdown()
+                    return
+                self._built = engine
+            _settle(loop, loaded, engine)
 
-        threading.Thread(target=build, name="engine-load", daemon=True).start()
+        self._loader = threading.Thread(target=build, name="engine-load", daemon=True)
+        self._loader.start()
         try:
             engine = await loaded
             renderer = ChatRenderer(engine.tokenizer, load_chat_template(self.engine_config.chat_template))
@@ -111,7 +123,27 @@ class ServerState:
             )
 
     def shutdown(self) -> None:
+        """Stops a load in progress (killing the engine process) or the loaded engine."""
+        with self._load_lock:
+            self._stop_loading.set()
+        if self._loader is not None:
+            self._loader.join(LOAD_STOP_TIMEOUT_S)
         if self.tokenization is not None:
             self.tokenization.close()
-        if self.engine is not None:
-            self.engine.shutdown()
+        if self._built is not None:
+            self._built.shutdown()
+
+
+def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, outcome: object) -> None:
+    """Resolves ``future`` from another thread, unless the load was cancelled (the future or the loop is gone)."""
+    def resolve() -> None:
+        if future.done():
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    try:
+        loop.call_soon_threadsafe(resolve)
+    except RuntimeError:  # the event loop is closed
+        pass

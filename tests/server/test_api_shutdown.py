@@ -1,9 +1,10 @@
 """Stop signals sent to the server's whole process group, as systemd (KillMode=control-group), supervisord
 (stopasgroup), docker and Ctrl-C send them: in-flight requests still finish, the server exits 0, and no process or
-resource-tracker complaint is left behind."""
+resource-tracker complaint is left behind; during model loading the server stops within seconds, non-zero."""
 import re
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from sse_events import DONE, parse_events
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 MAX_TOKENS = 200
+LOADING_EXIT_DEADLINE_S = 10.0
 ENGINE_PID_LINE = re.compile(r"engine core: process pid (\d+)")
 
 
@@ -70,4 +72,21 @@ def test_a_stop_signal_to_the_process_group_drains_in_flight_streams(signum: int
             assert [c["finish_reason"] for e in events[:-2] for c in e["choices"] if c["finish_reason"]] == ["length"]
         assert server.wait(60) == 0
         assert f"{signal.Signals(signum).name} received: draining" in server.log_text()
+        assert_nothing_left(server, tree)
+
+
+def test_a_stop_signal_during_model_loading_stops_everything_within_seconds() -> None:
+    with ServerProcess(env={"DOTS_SERVE_FAULT_LOAD_DELAY_S": "600"}, own_process_group=True,
+                       until_ready=False) as server:
+        wait_for(lambda: ENGINE_PID_LINE.search(server.log_text()) is not None, 60, "the engine process to start")
+        assert httpx.get(f"{server.url}/health").json()["status"] == "loading"
+        tree = descendants(server.process.pid)
+        engine_pid = int(ENGINE_PID_LINE.search(server.log_text()).group(1))
+        assert engine_pid in tree
+        started = time.monotonic()
+        server.signal_group(signal.SIGTERM)
+        assert server.wait(LOADING_EXIT_DEADLINE_S) != 0
+        assert time.monotonic() - started < LOADING_EXIT_DEADLINE_S
+        assert "killed by SIGTERM" not in server.log_text()  # the engine ignored it; the server stopped it
+        assert "stopped before the model was loaded" in server.log_text()
         assert_nothing_left(server, tree)
