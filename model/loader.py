@@ -4,6 +4,7 @@ The whole checkpoint is validated from its headers (missing, extra and mis-shape
 so a bad checkpoint fails in seconds with the file and key named; an error while reading propagates and no model is
 returned.
 """
+import ctypes
 import logging
 import re
 from collections import defaultdict
@@ -63,6 +64,7 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
         _resolve_attention(model, attention_backend, device, dtype, kv_cache_dtype)
         if can_pack_weights(torch.device(device)):
             model.pack_weights_for_cpu()
+        release_free_heap()
         return model.eval()
     config = ModelConfig.from_pretrained(model_dir)
     cpu_method = quantization if quantization in CPU_METHODS else None
@@ -83,7 +85,17 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
         quantize_model_weights(model, cpu_method)
     if can_pack_weights(torch.device(device)):
         model.pack_weights_for_cpu()
+    release_free_heap()
     return model.eval()
+
+
+def release_free_heap() -> None:
+    """Hands the heap that loading freed (conversion chunks, replaced float weights) back to the OS: glibc keeps it
+    otherwise, about 20% of a GGUF model's size in resident memory (measured)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _resolve_attention(model: Dots1ForCausalLM, attention_backend: str, device: torch.device | str,
