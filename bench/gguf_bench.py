@@ -492,8 +492,10 @@ class Server:
         import httpx
         import openai
         self.log_file = open(self.log_path, "w")
+        # The KV cache holds 2048 tokens (float32), llama.cpp's n_ctx here, rather than the CPU default of 1 GiB.
         command = [str(REPO / ".venv/bin/dots-serve"), "--model", str(self.path), "--port", str(self.port),
-                   "--max-model-len", "2048", "--device", "cpu", "--no-ui"]
+                   "--max-model-len", "2048", "--device", "cpu", "--no-ui", "--kv-cache-memory", "128MiB",
+                   "--max-num-seqs", str(STREAMS)]
         self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=REPO)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", timeout=600)
         deadline = time.monotonic() + 900
