@@ -149,6 +149,8 @@ QuantWeight make_weight(const std::vector<c10::optional<at::Tensor>>& tensors, c
   return w;
 }
 
+constexpr int64_t kInlineMacs = 1 << 18;
+
 int64_t rows_per_job(int64_t total_rows) {
   const int64_t threads = at::get_num_threads();
   const int64_t target = (total_rows + 8 * threads - 1) / (8 * threads);  // about 8 jobs per thread
@@ -158,11 +160,15 @@ int64_t rows_per_job(int64_t total_rows) {
 
 void run_jobs(const std::vector<GemmJob>& jobs, const QuantActivations& act) {
   const Isa isa = active_isa();
-  int64_t max_k = 0;
-  for (const GemmJob& job : jobs) max_k = std::max<int64_t>(max_k, job.w.k);
+  int64_t max_k = 0, macs = 0;
+  for (const GemmJob& job : jobs) {
+    max_k = std::max<int64_t>(max_k, job.w.k);
+    macs += (job.n1 - job.n0) * job.w.k * job.m;
+  }
   std::atomic<int64_t> next{0};
   const int64_t count = static_cast<int64_t>(jobs.size());
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  // a few microseconds of work runs on the calling thread: waking the pool would cost as much
+  const int64_t threads = macs < kInlineMacs ? 1 : std::min<int64_t>(at::get_num_threads(), count);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> scratch(2 * 8 * (max_k / 16) + 16);  // ds [2][8][K/16] of dot_rows
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) run_job(jobs[i], act, isa, scratch.data());

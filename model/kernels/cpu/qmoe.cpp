@@ -148,7 +148,7 @@ at::Tensor qmoe(const at::Tensor& x, const at::Tensor& expert_ids, const at::Ten
   const float* d = down_out.data_ptr<float>();
   const float* pw = pair_weights.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, tokens, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 65536 / (k * hidden)), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t j = 0; j < k; ++j) {
         const int64_t pos = r.position[t * k + j];
