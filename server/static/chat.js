@@ -2,7 +2,8 @@
 "use strict";
 
 const SETTINGS_KEY = "dots-serve.settings";
-const SETTING_IDS = ["model", "system-prompt", "temperature", "max-tokens", "api-key"];
+const SETTING_IDS = ["model", "system-prompt", "temperature", "max-tokens"]; // kept in localStorage
+const API_KEY_KEY = "dots-serve.api-key"; // kept in sessionStorage only: gone when the tab closes
 
 const elements = {
   conversation: document.getElementById("conversation"),
@@ -23,7 +24,8 @@ const elements = {
 };
 
 let history = []; // [{role, content}] of completed turns, sent with every request
-let activeStream = null; // {controller} while a reply streams
+let activeStream = null; // {controller, conversation} while a reply streams
+let conversation = 0; // counts new chats: a reply that ends after one belongs to the conversation it started in
 
 function savedSettings() {
   try {
@@ -37,6 +39,7 @@ function saveSettings() {
   const values = {};
   for (const id of SETTING_IDS) values[id] = document.getElementById(id).value;
   localStorage.setItem(SETTINGS_KEY, JSON.stringify(values));
+  sessionStorage.setItem(API_KEY_KEY, elements.apiKey.value);
 }
 
 function restoreSettings() {
@@ -44,6 +47,7 @@ function restoreSettings() {
   for (const id of SETTING_IDS) {
     if (id !== "model" && typeof values[id] === "string") document.getElementById(id).value = values[id];
   }
+  elements.apiKey.value = sessionStorage.getItem(API_KEY_KEY) || "";
 }
 
 function headers() {
@@ -199,7 +203,8 @@ async function send() {
   const reply = addMessage("assistant", "");
   reply.element.classList.add("streaming");
   const controller = new AbortController();
-  activeStream = { controller };
+  const stream = { controller, conversation };
+  activeStream = stream;
   setStreaming(true);
   const started = performance.now();
   let firstTokenAt = null;
@@ -248,20 +253,29 @@ async function send() {
     reply.element.classList.remove("streaming");
     reply.stats.textContent = formatStats(usage, finishReason, started, firstTokenAt, performance.now());
     if (failed && text === "") reply.element.remove();
-    if (!failed || text !== "") {
+    if (stream.conversation !== conversation) {
+      // a new chat began meanwhile: this turn belongs to none that is still shown
+    } else if (!failed || text !== "") {
       history.push({ role: "user", content: userText }, { role: "assistant", content: text });
     } else {
       sent.element.classList.add("unsent"); // not part of the conversation the model sees
       elements.message.value = elements.message.value || userText; // let the user fix and resend
     }
-    activeStream = null;
-    setStreaming(false);
-    elements.message.focus();
+    if (activeStream === stream) {
+      activeStream = null;
+      setStreaming(false);
+      elements.message.focus();
+    }
   }
 }
 
 function newChat() {
-  if (activeStream !== null) activeStream.controller.abort();
+  if (activeStream !== null) {
+    activeStream.controller.abort();
+    activeStream = null;
+    setStreaming(false);
+  }
+  conversation += 1;
   history = [];
   for (const element of [...elements.conversation.children]) {
     if (element !== elements.emptyHint) element.remove();
@@ -289,7 +303,7 @@ elements.toggleSettings.addEventListener("click", () => {
   const open = elements.settings.classList.toggle("open");
   elements.toggleSettings.setAttribute("aria-expanded", String(open));
 });
-for (const id of SETTING_IDS) {
+for (const id of [...SETTING_IDS, "api-key"]) {
   document.getElementById(id).addEventListener("input", saveSettings);
   document.getElementById(id).addEventListener("change", saveSettings);
 }

@@ -53,7 +53,7 @@ def open_page(browser: BrowserContext, url: str) -> tuple[Page, PageWatch]:
     page = browser.new_page()
     watch = PageWatch(page)
     page.goto(url)
-    page.evaluate("localStorage.clear()")  # settings an earlier test left for this origin
+    page.evaluate("localStorage.clear(); sessionStorage.clear()")  # settings an earlier test left for this origin
     page.reload()
     return page, watch
 
@@ -194,6 +194,39 @@ def test_model_text_is_shown_as_text_never_as_html(browser: BrowserContext, serv
     page.close()
 
 
+def test_new_chat_mid_stream_leaves_the_new_conversation_empty(browser: BrowserContext, server: ServerProcess,
+                                                               http: httpx.Client) -> None:
+    page, watch = open_page(browser, server.url + "/")
+    expect(page.locator("#model")).to_have_value("dots1-tiny")
+    message_box = page.get_by_role("textbox", name="Message", exact=True)
+    assistant = page.locator('[data-role="assistant"]')
+    page.route("**/v1/chat/completions", without_eos)
+    message_box.fill("Tell me a long story.")
+    message_box.press("Enter")
+    expect(assistant.nth(0).locator(".text")).not_to_have_text("", timeout=WAIT_MS)
+    page.unroute("**/v1/chat/completions")
+    page.get_by_label("Max tokens").fill("8")
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator("[data-role]")).to_have_count(0)
+    message_box.fill("Fresh start")
+    message_box.press("Enter")
+    expect(assistant.nth(0).locator(".stats")).to_have_text(STATS, timeout=WAIT_MS)
+    assert watch.chat_requests()[-1]["messages"] == [{"role": "user", "content": "Fresh start"}]
+    reply = assistant.nth(0).locator(".text").text_content()
+    message_box.fill("And then?")
+    message_box.press("Enter")
+    expect(assistant.nth(1).locator(".stats")).to_have_text(STATS, timeout=WAIT_MS)
+    assert watch.chat_requests()[-1]["messages"] == [
+        {"role": "user", "content": "Fresh start"},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "And then?"},
+    ]
+    expect(page.locator("[data-role]")).to_have_count(4)  # the aborted turn is nowhere
+    wait_for(lambda: http.get("/health").json()["num_running"] == 0, 30, "the aborted request to end")
+    assert watch.page_errors == []
+    page.close()
+
+
 def test_api_key_from_the_settings_is_used_and_kept(browser: BrowserContext) -> None:
     with ServerProcess("--api-key", "sesame") as server:
         page, watch = open_page(browser, server.url + "/")
@@ -208,11 +241,12 @@ def test_api_key_from_the_settings_is_used_and_kept(browser: BrowserContext) -> 
         expect(page.locator('[data-role="assistant"] .stats')).to_have_text(STATS, timeout=WAIT_MS)
         chat_request = next(request for request in watch.requests if request.url.endswith("/v1/chat/completions"))
         assert chat_request.headers["authorization"] == "Bearer sesame"
-        page.reload()
+        page.reload()  # the key lasts as long as the tab, and never reaches localStorage
         expect(page.get_by_label("API key")).to_have_value("sesame")
         expect(page.get_by_label("Max tokens")).to_have_value("8")
         expect(page.locator("#model")).to_have_value("dots1-tiny")
-        page.evaluate("localStorage.clear()")
+        assert "sesame" not in json.dumps(page.evaluate("Object.entries(localStorage)"))
+        page.evaluate("localStorage.clear(); sessionStorage.clear()")
         page.close()
 
 
