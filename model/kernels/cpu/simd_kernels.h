@@ -2,10 +2,13 @@
 //   QK_NS (namespace), QK_TARGET (a target attribute string) and QK_AVX512 (1: AVX-512 VNNI, 0: AVX2) defined.
 // Unpacking: one 32-weight chunk -> 32 unsigned bytes in weight order (nibbles by a per-half shift, bit planes by
 // AVX-512BW byte masks or an AVX2 bit-to-byte expansion). Dot: 32 codes x 32 int8 activations -> 8 int32 lanes,
-// lanes 0-3 summing weights 0..15 and lanes 4-7 weights 16..31 (dpbusd, or maddubs + madd on AVX2).
+// lanes 0-3 summing weights 0..15 and lanes 4-7 weights 16..31 (dpbusd, or maddubs + madd on AVX2). AVX-512 runs
+// two chunks per 512-bit dpbusd.
 //
-// dot_rows<BITS, G, MT>: out[i][n] for MT activation rows and one weight row n:
+// dot_rows<BITS, G, NR, MT>: out[i][n + r] for MT activation rows and NR weight rows (a register tile):
 //   sum_g scale_g * dx_g * sum_{k in g} code_k q_k  -  sum_g (zero * scale_g + min_g) * xs_g
+// Shapes: weight [N, K] packed (model/quant/packed.py), activations [M, K] quantized (quantize_activations.h),
+// out float32 rows; a GemmJob (quant_types.h) names the output rows n0..n1 and the activation rows.
 #include <immintrin.h>
 
 #include <cstring>
