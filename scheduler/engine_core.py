@@ -112,6 +112,7 @@ class EngineCore:
         started = time.monotonic()
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
+        num_decode_tokens = sched.num_decode_tokens  # before the step: it moves (and finishes) sequences
         for seq in sched.preempted:
             self._on_preempted(seq)
         if sched.scheduled:
@@ -122,7 +123,7 @@ class EngineCore:
             outputs += self._run(sched)
         step = None
         if sched.scheduled or sched.preempted:
-            step = self._step_stats(sched, time.monotonic() - started)
+            step = self._step_stats(sched, num_decode_tokens, time.monotonic() - started)
         return self._collect(outputs, step)
 
     def shutdown(self) -> None:
@@ -319,8 +320,7 @@ class EngineCore:
         stats.num_cached_tokens = request.num_cached_tokens
         self._finished_stats.append(stats)
 
-    def _step_stats(self, sched: SchedulerOutput, duration_s: float) -> StepStats:
-        num_decode = sched.num_decode_tokens
+    def _step_stats(self, sched: SchedulerOutput, num_decode: int, duration_s: float) -> StepStats:
         return StepStats(
             duration_s=duration_s,
             num_seqs=len(sched.scheduled),

@@ -7,6 +7,7 @@ from model.attention_backend import TorchAttentionBackend, TritonAttentionBacken
 from model.forward_batch import ForwardBatch
 from model.kernels.attention.decode_split_kv import plan_splits
 from paged_problem import Layer, make_problem, run, slice_problem
+from scheduler.cuda_graph_runner import DecodeGraphRunner, EagerStepGraph
 
 TORCH = TorchAttentionBackend()
 TRITON = TritonAttentionBackend()
@@ -102,22 +103,43 @@ def test_half_precision_matches_the_float32_reference(kind):
     assert_same(problem, Layer(scale=0.25), atol=3e-3, dtype=torch.float16)
 
 
-@pytest.mark.parametrize("padding", ["context 0", "context 1 in block 0"])
-@pytest.mark.parametrize("kind", ["decode", "mixed"])
-def test_padded_rows_write_nothing_and_stay_finite(padding, kind):
-    """Rows padded the way a CUDA-graph runner pads them (slot -1) leave the cache alone and the others exact."""
-    new = [1, 1] if kind == "decode" else [1, 9]
-    problem = make_problem([21, 40], new, 16, num_heads=2, num_kv_heads=1, seed=9)
-    real, real_caches = run(TRITON, problem, Layer(scale=0.25))
-    context = 0 if padding == "context 0" else 1
-    padded = pad_batch(problem.batch, rows=2, context=context)
-    problem.query, problem.key, problem.value = (torch.cat([x, 7 * torch.ones(2, *x.shape[1:])])
-                                                 for x in (problem.query, problem.key, problem.value))
-    out, caches = run(TRITON, problem, Layer(scale=0.25), batch=padded)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out[:-2], real, atol=0, rtol=0)
+def test_rows_padded_by_the_graph_runner_touch_only_the_padding_block():
+    """A decode step of 3 replayed through DecodeGraphRunner (padded to 4 the runner's way: token 0 at position 0
+    in the reserved padding block, context 1, stale table columns): the real rows are exact, and capture and replay
+    write nothing outside the padding block."""
+    block_size, num_heads, head_dim = 16, 2, 16
+    problem = make_problem([21, 40, 5], [1, 1, 1], block_size, num_heads=num_heads, num_kv_heads=1, seed=9)
+    layer = Layer(scale=0.25)
+    real, real_caches = run(TRITON, problem, layer)
+    owned = set(problem.batch.block_tables.flatten().tolist())
+    padding_block = min(set(range(problem.history[0].shape[0])) - owned)
+    caches = tuple(history.clone() for history in problem.history)
+    # Row 0 of each table is what a padding row (token 0) stores and attends to; rows 1.. are the real tokens.
+    query, key, value = (torch.cat([torch.full((1, *x.shape[1:]), 7.0), x])
+                         for x in (problem.query, problem.key, problem.value))
+
+    def forward(batch: ForwardBatch) -> torch.Tensor:
+        metadata = TRITON.build_metadata(batch, block_size)
+        rows = batch.input_ids
+        out = TRITON.forward(layer, query[rows], key[rows], value[rows], *caches, metadata)  # [T, Hq, D]
+        return out.reshape(out.shape[0], -1)[batch.logits_indices]
+
+    runner = DecodeGraphRunner(forward, EagerStepGraph, vocab_size=num_heads * head_dim, max_num_seqs=4,
+                               max_model_len=4 * block_size, block_size=block_size, padding_block=padding_block,
+                               device=torch.device("cpu"))
+    runner.capture(show_progress=False)
+    stale = runner.inputs.host().block_tables
+    stale[:, 1:] = problem.batch.block_tables[0, 0]  # earlier steps' tables: a real sequence's block
+    batch = problem.batch
+    batch.input_ids = torch.arange(1, 4, dtype=torch.int64)
+    out = runner.run(batch)
+    assert runner.padded_size(3) == 4
+    torch.testing.assert_close(out.reshape(real.shape), real, atol=0, rtol=0)
+    torch.testing.assert_close(runner.logits[3], torch.full((num_heads * head_dim,), 7.0))  # its own key only
     for written, reference in zip(caches, real_caches):
-        assert torch.equal(written, reference)
+        outside = torch.ones(written.shape[0], dtype=torch.bool)
+        outside[padding_block] = False
+        assert torch.equal(written[outside], reference[outside])
 
 
 class RecordOps(TorchDispatchMode):

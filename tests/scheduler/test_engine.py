@@ -171,9 +171,20 @@ def test_abort_frees_blocks_and_unknown_ids_are_ignored(llm: LLM) -> None:
 def test_request_and_step_statistics_are_recorded(llm: LLM) -> None:
     listener = llm.stats_listener
     listener.requests.clear()
-    llm.generate(random_prompts(2, 20, 40, seed=10), greedy(max_tokens=5))
+    listener.steps.clear()
+    prompts = random_prompts(2, 20, 40, seed=10)
+    llm.generate(prompts, greedy(max_tokens=5))
+    assert sorted(stats.prompt_tokens for stats in listener.requests) == sorted(len(prompt) for prompt in prompts)
     for stats in listener.requests:
         assert stats.arrival_time <= stats.first_scheduled_time <= stats.first_token_time <= stats.finished_time
         assert stats.generation_tokens == len(stats.token_times) == 5
-        assert stats.finish_reason == "length" and stats.prompt_tokens >= 20
-    assert listener.steps[-1].kv_cache_usage >= 0.0
+        assert stats.finish_reason == "length" and stats.num_preemptions == 0
+    steps = listener.steps
+    # Every prompt token not served from the prefix cache is computed once; then 4 decode steps per request (the
+    # first token comes with the prompt's last chunk, the fifth is sampled, never computed).
+    computed_prompt_tokens = sum(stats.prompt_tokens - stats.num_cached_tokens for stats in listener.requests)
+    assert sum(step.num_prefill_tokens for step in steps) == computed_prompt_tokens
+    assert sum(step.num_decode_tokens for step in steps) == 2 * 4
+    assert all(step.duration_s > 0 and step.num_seqs > 0 for step in steps)
+    assert all(0.0 < step.kv_cache_usage <= 1.0 for step in steps[:-1])  # the running requests hold blocks
+    assert steps[0].num_running > 0
