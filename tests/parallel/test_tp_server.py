@@ -6,7 +6,7 @@ import subprocess
 
 import openai
 import pytest
-from process_table import is_running, parent_pid
+from process_table import ignored_signals, is_running, parent_pid
 from tp_server import TensorParallelServer, wait_until
 
 DEADLINE_S = 30.0  # generous: the watchdog polls every 0.2 s
@@ -38,6 +38,7 @@ def test_chat_over_two_ranks_then_a_killed_worker_makes_health_503():
 def test_no_worker_outlives_the_server(signum):
     with TensorParallelServer() as server:
         assert is_running(server.worker_pid)
+        assert {signal.SIGTERM, signal.SIGINT} <= ignored_signals(server.worker_pid)  # only the server decides
         server.process.send_signal(signum)
         try:
             code = server.process.wait(timeout=60)
