@@ -46,4 +46,5 @@ def test_no_worker_outlives_the_server(signum):
             raise AssertionError(f"the server did not exit:\n{server.log_text()}") from None
         if signum == signal.SIGTERM:
             assert code == 0, server.log_text()
+            assert "resource_tracker" not in server.log_text()  # no semaphore left behind by the children
         wait_until(lambda: not is_running(server.worker_pid), DEADLINE_S, "the worker to exit")

@@ -22,11 +22,11 @@ ENGINE_PID_LINE = re.compile(r"engine core: process pid (\d+)")
 class Stream:
     """A streaming chat request read on a thread to its end."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, max_tokens: int = MAX_TOKENS) -> None:
         self.events: list = []
         self.started = threading.Event()
         payload = {"model": MODEL, "messages": MESSAGES, "stream": True, "ignore_eos": True,
-                   "max_tokens": MAX_TOKENS, "stream_options": {"include_usage": True}}
+                   "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
         self.thread = threading.Thread(target=self.run, args=(url, payload), daemon=True)
         self.thread.start()
 
@@ -72,6 +72,23 @@ def test_a_stop_signal_to_the_process_group_drains_in_flight_streams(signum: int
             assert [c["finish_reason"] for e in events[:-2] for c in e["choices"] if c["finish_reason"]] == ["length"]
         assert server.wait(60) == 0
         assert f"{signal.Signals(signum).name} received: draining" in server.log_text()
+        assert_nothing_left(server, tree)
+
+
+def test_a_second_signal_to_the_process_group_aborts_in_flight_streams_at_once() -> None:
+    with ServerProcess("--shutdown-timeout", "300", own_process_group=True) as server:
+        tree = descendants(server.process.pid)
+        stream = Stream(server.url, max_tokens=1900)
+        assert stream.started.wait(60)
+        server.signal_group(signal.SIGTERM)
+        wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 503, 30, "/ready to report draining")
+        server.signal_group(signal.SIGTERM)
+        events = stream.result()
+        assert events[-1] == DONE
+        assert [c["finish_reason"] for e in events[:-2] for c in e["choices"] if c["finish_reason"]] == ["abort"]
+        assert events[-2]["usage"]["completion_tokens"] < 1900
+        assert server.wait(30) == 0
+        assert "SIGTERM received again: aborting in-flight requests now" in server.log_text()
         assert_nothing_left(server, tree)
 
 
