@@ -205,8 +205,8 @@ def test_unsupported_quantization_in_config_json_is_refused_at_load(source, tmp_
     config.write_text(config.read_text().replace('"float-quantized"', '"pack-quantized"'))
     with pytest.raises(ValueError, match=r"config\.json: quantization_config format 'pack-quantized'"):
         load_model(fp8_dir, dtype=torch.float32, device="cpu")
-    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
-        load_model(source, dtype=torch.float32, device="cpu", quantization="int4")
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        load_model(source, dtype=torch.float32, device="cpu", quantization="int3")
 
 
 def test_dummy_fp8_weights(source, tmp_path):
