@@ -32,12 +32,10 @@ class TopKRouter(nn.Module):
                                    requires_grad=False)
         self.e_score_correction_bias = nn.Parameter(torch.empty(self.num_experts, dtype=torch.float32),
                                                     requires_grad=False)
-        self.packed_weight: nn.Parameter | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (combine weights [T, k] float32, expert ids [T, k] int64)."""
-        weight = self.packed_weight if self.packed_weight is not None and x.shape[0] >= PACKED_MIN_ROWS else self.weight
-        scores = linear(x.float(), weight).sigmoid()  # [T, E]
+        scores = linear(x.float(), self.weight).sigmoid()  # [T, E]
         choice = scores + self.e_score_correction_bias
         if self.topk_group < self.n_group:
             choice = self._mask_unpicked_groups(choice)
@@ -57,9 +55,7 @@ class TopKRouter(nn.Module):
         return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(num_tokens, -1)
 
     def pack_weights(self) -> None:
-        """Adds a oneDNN-blocked copy for batches; a decode step's few rows multiply the plain weight, several times
-        faster than padding them to the blocked kernel's minimum (measured: 4 us against 65 us for one row)."""
-        self.packed_weight = pack_weight(self.weight)
+        self.weight = pack_weight(self.weight)
 
     def weight_loader(self, param: nn.Parameter, source: CheckpointTensor) -> None:
         param.data.copy_(source.read())
