@@ -177,8 +177,8 @@ def read_float(tensor: GGUFTensor, *index: int) -> torch.Tensor:
     """float32 values of ``tensor`` (or of ``tensor[index]``), dequantized if the file quantized it."""
     data = tensor.data[index] if index else tensor.data
     shape = tensor.shape[len(index):]
-    if tensor.qtype in FLOAT_TYPES:
-        return _as_torch(data).view(FLOAT_TYPES[tensor.qtype]).float().reshape(shape)
+    if tensor.qtype in FLOAT_TYPES:  # a copy: a view would keep the whole file mapped (and resident)
+        return _as_torch(data).view(FLOAT_TYPES[tensor.qtype]).to(torch.float32, copy=True).reshape(shape)
     raw = _as_torch(data).reshape(-1, data.shape[-1])
     rows = [dequantize(raw[start:start + _ROWS_PER_CHUNK], tensor.qtype)
             for start in range(0, raw.shape[0], _ROWS_PER_CHUNK)]
@@ -192,8 +192,11 @@ def convert_packed(tensor: GGUFTensor) -> PackedQuantWeight:
     chunks = []
     for start in range(0, raw.shape[0], _ROWS_PER_CHUNK):
         fields = split_blocks(_as_torch(raw[start:start + _ROWS_PER_CHUNK]), qtype)
-        chunks.append(pack(fields.codes, fields.scale.half(), None if fields.min is None else fields.min.half(),
-                           bits=fields.bits, group_size=fields.group_size, zero=fields.zero))
+        scale, minimum = fields.scale.half(), None if fields.min is None else fields.min.half()
+        if not (scale.isfinite().all() and (minimum is None or minimum.isfinite().all())):
+            raise ValueError(f"tensor {tensor.name!r} has group scales beyond float16's range (or not finite)")
+        chunks.append(pack(fields.codes, scale, minimum, bits=fields.bits, group_size=fields.group_size,
+                           zero=fields.zero))
     return stack_row_chunks(chunks, tensor.shape[:-1])
 
 

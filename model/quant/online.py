@@ -61,7 +61,8 @@ def quantize_model_weights(model: nn.Module, method: str) -> None:
             gate, up = module.w13.detach().float().split(module.local_intermediate, dim=1)
             stacks = {"gate": quantize(gate), "up": quantize(up), "down": quantize(module.w2.detach().float())}
             module.use_quantized(stacks, [method] * 3)
-        elif isinstance(module, ParallelLMHead) and not module.tied and quantizable(module.weight):
+        elif (isinstance(module, ParallelLMHead) and not module.tied and not module.parallel.is_parallel
+              and quantizable(module.weight)):  # a vocabulary split across ranks stays float (its all-gather)
             module.use_quantized(quantize(module.weight.detach().float()), method)
 
 

@@ -89,4 +89,4 @@ def test_quantization_flag_reaches_the_executor_which_reports_the_weights():
     finally:
         executor.shutdown()
     with pytest.raises(SystemExit):
-        parse_args(["--quantization", "int4"])
+        parse_args(["--quantization", "int3"])
