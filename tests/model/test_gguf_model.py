@@ -83,6 +83,15 @@ def test_f32_file_is_the_safetensors_model_bit_for_bit(tmp_path: Path) -> None:
     assert weight_summary(from_gguf) == weight_summary(from_safetensors)
 
 
+def test_bf16_file_of_the_bf16_embedded_checkpoint_is_it_bit_for_bit(tmp_path: Path) -> None:
+    hf_to_gguf.write_dots1_gguf(EMBEDDED_MODEL_DIR, tmp_path / "model.gguf", "BF16")
+    assert "BF16" in GGUFCheckpoint(tmp_path / "model.gguf").type_counts()
+    from_gguf = load_model(tmp_path / "model.gguf", dtype=torch.float32, device="cpu")
+    from_safetensors = load_model(EMBEDDED_MODEL_DIR, dtype=torch.float32, device="cpu")
+    for prompt in PROMPTS:
+        assert torch.equal(all_logits(from_gguf, prompt), all_logits(from_safetensors, prompt))
+
+
 def test_q8_0_file_of_a_representable_model_decodes_as_transformers(representable: Path) -> None:
     reference = ReferenceDots1.from_pretrained(representable, attn_implementation="eager").eval()
     expected = [reference_generate(reference, prompt, DECODE_STEPS)[1] for prompt in PROMPTS]
