@@ -83,17 +83,9 @@ def prepare_mid_size(work: Path) -> dict[str, Path]:
     hf_dir, f32 = work / "mid-size-hf", work / "mid-size-F32.gguf"
     files = {ftype: work / f"mid-size-{ftype}.gguf" for ftype in FILE_TYPES}
     if not (hf_dir / "config.json").exists():
-        import torch
-        from transformers import Dots1Config, Dots1ForCausalLM
-
+        from bench.mid_size import write_mid_size_checkpoint
         from model.embedded import EMBEDDED_MODEL_DIR
-        torch.manual_seed(0)
-        model = Dots1ForCausalLM(Dots1Config(**MID_SIZE)).to(torch.bfloat16)
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                if name.endswith("e_score_correction_bias"):
-                    buffer.copy_(0.05 * torch.randn(buffer.shape))
-        model.save_pretrained(hf_dir)
+        write_mid_size_checkpoint(hf_dir, MID_SIZE)  # this bench's MID_SIZE: issue 16's vocabulary and experts
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             shutil.copy(EMBEDDED_MODEL_DIR / name, hf_dir / name)
     if not f32.exists() and not all(path.exists() for path in files.values()):

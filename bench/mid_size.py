@@ -10,12 +10,13 @@ MID_SIZE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_
                 sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 
 
-def write_mid_size_checkpoint(model_dir: Path) -> None:
-    """The mid-size config with Transformers' seeded random init, saved in bf16, with a non-zero routing bias."""
+def write_mid_size_checkpoint(model_dir: Path, config: dict | None = None) -> None:
+    """The mid-size config (or ``config``) with Transformers' seeded random init, saved in bf16, with a non-zero
+    routing bias."""
     from transformers import Dots1Config, Dots1ForCausalLM
 
     torch.manual_seed(0)
-    reference = Dots1ForCausalLM(Dots1Config(**MID_SIZE)).to(torch.bfloat16)
+    reference = Dots1ForCausalLM(Dots1Config(**(config or MID_SIZE))).to(torch.bfloat16)
     with torch.no_grad():
         for name, buffer in reference.named_buffers():
             if name.endswith("e_score_correction_bias"):

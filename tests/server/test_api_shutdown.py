@@ -3,7 +3,6 @@
 resource-tracker complaint is left behind; during model loading the server stops within seconds, non-zero."""
 import re
 import signal
-import threading
 import time
 
 import httpx
@@ -11,7 +10,8 @@ import pytest
 from api_server import ServerProcess, wait_for
 from conftest import MODEL
 from process_table import descendants, ignored_signals, is_running
-from sse_events import DONE, parse_events
+from sse_events import DONE
+from test_api_operations import StreamInBackground
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 MAX_TOKENS = 200
@@ -19,30 +19,9 @@ LOADING_EXIT_DEADLINE_S = 10.0
 ENGINE_PID_LINE = re.compile(r"engine core: process pid (\d+)")
 
 
-class Stream:
-    """A streaming chat request read on a thread to its end."""
-
-    def __init__(self, url: str, max_tokens: int = MAX_TOKENS) -> None:
-        self.events: list = []
-        self.started = threading.Event()
-        payload = {"model": MODEL, "messages": MESSAGES, "stream": True, "ignore_eos": True,
-                   "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
-        self.thread = threading.Thread(target=self.run, args=(url, payload), daemon=True)
-        self.thread.start()
-
-    def run(self, url: str, payload: dict) -> None:
-        try:
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=payload, timeout=120) as response:
-                for event in parse_events(response.iter_lines()):
-                    self.events.append(event)
-                    self.started.set()
-        finally:
-            self.started.set()
-
-    def result(self) -> list:
-        self.thread.join(timeout=120)
-        assert not self.thread.is_alive()
-        return self.events
+def start_stream(url: str, max_tokens: int = MAX_TOKENS) -> StreamInBackground:
+    """A streaming chat request read to its end on a thread."""
+    return StreamInBackground(url, messages=MESSAGES, max_tokens=max_tokens, stream_options={"include_usage": True})
 
 
 def assert_nothing_left(server: ServerProcess, tree: set[int]) -> None:
@@ -58,7 +37,7 @@ def test_a_stop_signal_to_the_process_group_drains_in_flight_streams(signum: int
         assert len(tree) >= 2  # the engine process and multiprocessing's resource tracker
         engine_pid = int(ENGINE_PID_LINE.search(server.log_text()).group(1))
         assert {signal.SIGTERM, signal.SIGINT} <= ignored_signals(engine_pid)
-        streams = [Stream(server.url) for _ in range(2)]
+        streams = [start_stream(server.url) for _ in range(2)]
         for stream in streams:
             assert stream.started.wait(60)
         server.signal_group(signum)
@@ -78,12 +57,12 @@ def test_a_stop_signal_to_the_process_group_drains_in_flight_streams(signum: int
 def test_a_second_signal_to_the_process_group_aborts_in_flight_streams_at_once() -> None:
     with ServerProcess("--shutdown-timeout", "300", own_process_group=True) as server:
         tree = descendants(server.process.pid)
-        stream = Stream(server.url, max_tokens=1900)
-        assert stream.started.wait(60)
+        in_flight = start_stream(server.url, max_tokens=1900)
+        assert in_flight.started.wait(60)
         server.signal_group(signal.SIGTERM)
         wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 503, 30, "/ready to report draining")
         server.signal_group(signal.SIGTERM)
-        events = stream.result()
+        events = in_flight.result()
         assert events[-1] == DONE
         assert [c["finish_reason"] for e in events[:-2] for c in e["choices"] if c["finish_reason"]] == ["abort"]
         assert events[-2]["usage"]["completion_tokens"] < 1900
