@@ -50,11 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML preset (see configs/); its keys are these flags with "
                         "underscores; flags given on the command line override it")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=str(EMBEDDED_MODEL_DIR), help="local Hugging Face checkpoint directory, or a dots1 GGUF file (the first file of a split set: "
-                       "*-00001-of-0000N.gguf)")
+    model.add_argument("--model", default=str(EMBEDDED_MODEL_DIR), help="local Hugging Face checkpoint directory, "
+                       "or a dots1 GGUF file (the first file of a split set: *-00001-of-0000N.gguf)")
     model.add_argument("--served-model-name", nargs="+", help="name(s) clients use in 'model'; the first is "
-                       "reported in responses (default: the checkpoint directory's name, or the GGUF file's name without "
-                       ".gguf)")
+                       "reported in responses (default: the checkpoint directory's name, or the GGUF file's name "
+                       "without .gguf)")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights and activations; auto: bfloat16 on CUDA, float32 on CPU")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
