@@ -23,6 +23,10 @@ def hf_config_dict(checkpoint: GGUFCheckpoint) -> dict[str, Any]:
     if gating not in (None, _SIGMOID_GATING):
         raise ValueError(f"{checkpoint.path}: dots1.expert_gating_func is {gating}; Dots1 routes with sigmoid scores "
                          f"({_SIGMOID_GATING})")
+    scaling = checkpoint.get("dots1.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ValueError(f"{checkpoint.path}: dots1.rope.scaling.type is {scaling!r}; this engine reads RoPE scaling "
+                         "from config.json checkpoints only")
     if "token_embd.weight" not in checkpoint.tensors:
         raise ValueError(f"{checkpoint.path}: tensor 'token_embd.weight' is missing")
     vocab_size = checkpoint.tensors["token_embd.weight"].shape[0]
