@@ -1,1 +1,2 @@
-"""GGUF files (llama.cpp's format) as a checkpoint: reader, metadata as a ModelConfig, blocks, tensor placement, loader, tokenizer."""
+"""GGUF files (llama.cpp's format) as a checkpoint: reader, metadata as a ModelConfig, blocks, tensor placement,
+loader, tokenizer."""
