@@ -75,9 +75,9 @@ class ModelConfig:
         """From ``model_dir``/config.json, or from the metadata of a dots1 GGUF file (a path ending in .gguf)."""
         if str(model_dir).endswith(".gguf"):
             from model.gguf.config import config_from_gguf  # imports this module
-            from model.gguf.reader import GGUFCheckpoint
+            from model.gguf.reader import read_metadata
 
-            return config_from_gguf(GGUFCheckpoint(model_dir))
+            return config_from_gguf(read_metadata(model_dir))
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config.json not found; a Hugging Face model directory needs one")

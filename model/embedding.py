@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.kernels.cpu.qlinear import qlinear
 from model.linear import linear, pack_weight
 from model.parallel import ParallelState
 from model.quant.packed import PackedQuantWeight, dequantize_rows, nbytes
@@ -73,8 +74,6 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         quant = self.tied_embedding[0].quant if self.tied else self.quant
         if quant is not None:
-            from model.kernels.cpu.qlinear import qlinear
-
             return qlinear(hidden, quant)  # [N, vocab] float32
         logits = linear(hidden, self.weight)  # [N, rows_per_rank]
         logits = self.parallel.all_gather(logits, dim=-1)[:, :self.vocab_size]

@@ -17,11 +17,10 @@ def load_generation_defaults(model_dir: str | Path) -> GenerationDefaults:
     """Reads generation_config.json; EOS ids fall back to config.json's eos_token_id when it has none. A GGUF file
     gives its metadata's EOS (see ``model.gguf.tokenizer.gguf_eos_token_ids``) and no sampling defaults."""
     if str(model_dir).endswith(".gguf"):
-        from model.gguf.reader import GGUFCheckpoint
+        from model.gguf.reader import read_metadata
         from model.gguf.tokenizer import gguf_eos_token_ids
 
-        checkpoint = GGUFCheckpoint(model_dir)
-        return GenerationDefaults(eos_token_ids=gguf_eos_token_ids(checkpoint.metadata))
+        return GenerationDefaults(eos_token_ids=gguf_eos_token_ids(read_metadata(model_dir)))
     model_dir = Path(model_dir)
     generation = _read_json(model_dir / "generation_config.json")
     eos = _token_ids(generation.get("eos_token_id"), model_dir / "generation_config.json")

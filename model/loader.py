@@ -62,10 +62,22 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
         model = _load_gguf(model_dir, dtype=dtype, device=device, load_format=load_format, parallel=parallel,
                            expert_metrics=expert_metrics, quantization=quantization, moe_backend=moe_backend)
         _resolve_attention(model, attention_backend, device, dtype, kv_cache_dtype)
-        if can_pack_weights(torch.device(device)):
-            model.pack_weights_for_cpu()
-        release_free_heap()
-        return model.eval()
+    else:
+        model = _load_safetensors(model_dir, dtype=dtype, device=device, load_format=load_format, parallel=parallel,
+                                  expert_metrics=expert_metrics, quantization=quantization, moe_backend=moe_backend,
+                                  attention_backend=attention_backend, kv_cache_dtype=kv_cache_dtype)
+    if can_pack_weights(torch.device(device)):
+        model.pack_weights_for_cpu()
+    release_free_heap()
+    return model.eval()
+
+
+def _load_safetensors(model_dir: Path, *, dtype: torch.dtype, device: torch.device | str, load_format: str,
+                      parallel: ParallelState | None, expert_metrics: bool, quantization: str | None,
+                      moe_backend: str, attention_backend: str,
+                      kv_cache_dtype: torch.dtype | None) -> Dots1ForCausalLM:
+    """The model of a config.json directory: its safetensors weights (FP8 where configured, int8/int4 packed after
+    loading), or dummy ones. The attention backend is resolved before loading, so a refused one fails fast."""
     config = ModelConfig.from_pretrained(model_dir)
     cpu_method = quantization if quantization in CPU_METHODS else None
     if cpu_method is not None and torch.device(device).type != "cpu":
@@ -83,10 +95,7 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
         load_checkpoint(model, entries)
     if cpu_method is not None:
         quantize_model_weights(model, cpu_method)
-    if can_pack_weights(torch.device(device)):
-        model.pack_weights_for_cpu()
-    release_free_heap()
-    return model.eval()
+    return model
 
 
 def release_free_heap() -> None:
@@ -117,8 +126,6 @@ def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device | str, lo
     if quantization is not None:
         raise ValueError(f"{path}: --quantization {quantization} applies to safetensors checkpoints; a GGUF file "
                          "keeps the quantization it was written with")
-    config = ModelConfig.from_pretrained(path)
-    moe_backend = resolve_moe_backend(moe_backend, device, dtype, fp8=False, has_moe_layers=bool(config.moe_layer_ids))
     return load_gguf_model(path, dtype=dtype, device=device, parallel=parallel, expert_metrics=expert_metrics,
                            moe_backend=moe_backend)
 

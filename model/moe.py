@@ -8,6 +8,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.fp8 import FP8_DTYPE, dequantize, quantize_rows
 from model.fp8_storage import new_weight, quantize_full_rows, read_scale, scale_shapes
+from model.kernels.cpu.qmoe import qmoe
 from model.linear import PACKED_MIN_ROWS, linear, pack_weight
 from model.mlp import GatedMLP
 from model.parallel import ParallelState
@@ -127,8 +128,6 @@ class RoutedExperts(nn.Module):
 
     def forward_quantized(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/expert_ids [T, k] -> weighted expert sum [T, H], in one kernel call."""
-        from model.kernels.cpu.qmoe import qmoe
-
         stacks = self.quantized
         return qmoe(x, expert_ids, weights, stacks["gate"], stacks["up"], stacks["down"],
                     expert_start=self.expert_start).to(x.dtype)

@@ -18,13 +18,13 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
 
 
 def _load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    from model.gguf.reader import GGUFCheckpoint
+    from model.gguf.reader import read_metadata
     from model.gguf.tokenizer import ignored_bos_token_id, tokenizer_from_gguf
 
-    checkpoint = GGUFCheckpoint(path)
-    ignored = ignored_bos_token_id(checkpoint.metadata)
+    metadata = read_metadata(path)
+    ignored = ignored_bos_token_id(metadata)
     if ignored is not None:
         logger.info("%s: not prepending the declared BOS token id %d (published dots1 GGUFs carry a wrong one; "
                     "dots.llm1 has none, as llama.cpp users set with --override-kv tokenizer.ggml.bos_token_id=int:-1)",
                     path.name, ignored)
-    return tokenizer_from_gguf(checkpoint.metadata, str(path))
+    return tokenizer_from_gguf(metadata)

@@ -166,9 +166,9 @@ def check_gguf(path: str) -> None:
     """Reads a GGUF file's header, metadata and tensor table (not its weights): a file of another architecture, a
     tensor type this engine cannot run or a truncated file is refused here, before the server starts."""
     from model.gguf.config import config_from_gguf
-    from model.gguf.reader import GGUFCheckpoint
+    from model.gguf.reader import read_metadata
 
-    config_from_gguf(GGUFCheckpoint(path))
+    config_from_gguf(read_metadata(path))
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:

@@ -2,42 +2,42 @@
 from typing import Any
 
 from model.config import ModelConfig
-from model.gguf.reader import GGUFCheckpoint
+from model.gguf.reader import GGUFMetadata
 
 _SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
 
-def config_from_gguf(checkpoint: GGUFCheckpoint) -> ModelConfig:
-    """The Dots1 architecture of ``checkpoint`` in config.json's terms, validated like a config.json."""
-    return ModelConfig.from_dict(hf_config_dict(checkpoint), source=f"{checkpoint.path} (GGUF metadata)")
+def config_from_gguf(metadata: GGUFMetadata) -> ModelConfig:
+    """The Dots1 architecture of ``metadata`` in config.json's terms, validated like a config.json."""
+    return ModelConfig.from_dict(hf_config_dict(metadata), source=f"{metadata.path} (GGUF metadata)")
 
 
-def hf_config_dict(checkpoint: GGUFCheckpoint) -> dict[str, Any]:
+def hf_config_dict(metadata: GGUFMetadata) -> dict[str, Any]:
     def key(name: str, default: Any = None) -> Any:
-        value = checkpoint.get(f"dots1.{name}", default)
+        value = metadata.get(f"dots1.{name}", default)
         if value is None:
-            raise ValueError(f"{checkpoint.path}: metadata key 'dots1.{name}' is missing")
+            raise ValueError(f"{metadata.path}: metadata key 'dots1.{name}' is missing")
         return value
 
-    gating = checkpoint.get("dots1.expert_gating_func")
+    gating = metadata.get("dots1.expert_gating_func")
     if gating not in (None, _SIGMOID_GATING):
-        raise ValueError(f"{checkpoint.path}: dots1.expert_gating_func is {gating}; Dots1 routes with sigmoid scores "
+        raise ValueError(f"{metadata.path}: dots1.expert_gating_func is {gating}; Dots1 routes with sigmoid scores "
                          f"({_SIGMOID_GATING})")
-    scaling = checkpoint.get("dots1.rope.scaling.type")
+    scaling = metadata.get("dots1.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise ValueError(f"{checkpoint.path}: dots1.rope.scaling.type is {scaling!r}; this engine reads RoPE scaling "
+        raise ValueError(f"{metadata.path}: dots1.rope.scaling.type is {scaling!r}; this engine reads RoPE scaling "
                          "from config.json checkpoints only")
-    if "token_embd.weight" not in checkpoint.tensors:
-        raise ValueError(f"{checkpoint.path}: tensor 'token_embd.weight' is missing")
-    vocab_size = checkpoint.tensors["token_embd.weight"].shape[0]
+    if "token_embd.weight" not in metadata.tensor_shapes:
+        raise ValueError(f"{metadata.path}: tensor 'token_embd.weight' is missing")
+    vocab_size = metadata.tensor_shapes["token_embd.weight"][0]
     hidden = int(key("embedding_length"))
     heads = int(key("attention.head_count"))
-    head_dim = int(checkpoint.get("dots1.attention.key_length") or hidden // heads)
-    value_dim = int(checkpoint.get("dots1.attention.value_length") or head_dim)
+    head_dim = int(metadata.get("dots1.attention.key_length") or hidden // heads)
+    value_dim = int(metadata.get("dots1.attention.value_length") or head_dim)
     if value_dim != head_dim:
-        raise ValueError(f"{checkpoint.path}: dots1.attention.value_length {value_dim} differs from key_length "
+        raise ValueError(f"{metadata.path}: dots1.attention.value_length {value_dim} differs from key_length "
                          f"{head_dim}; Dots1 uses one head_dim")
-    kv_heads = checkpoint.get("dots1.attention.head_count_kv", heads)
+    kv_heads = metadata.get("dots1.attention.head_count_kv", heads)
     context = int(key("context_length"))
     return {
         "model_type": "dots1",
@@ -48,7 +48,7 @@ def hf_config_dict(checkpoint: GGUFCheckpoint) -> dict[str, Any]:
         "num_attention_heads": heads,
         "num_key_value_heads": int(kv_heads),
         "head_dim": head_dim,
-        "attention_bias": "blk.0.attn_q.bias" in checkpoint.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in metadata.tensor_shapes,
         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(key("rope.freq_base", 10000.0)),
         "max_position_embeddings": context,
@@ -60,5 +60,5 @@ def hf_config_dict(checkpoint: GGUFCheckpoint) -> dict[str, Any]:
         "moe_intermediate_size": int(key("expert_feed_forward_length")),
         "norm_topk_prob": bool(key("expert_weights_norm", False)),
         "routed_scaling_factor": float(key("expert_weights_scale", 1.0)),
-        "tie_word_embeddings": "output.weight" not in checkpoint.tensors,
+        "tie_word_embeddings": "output.weight" not in metadata.tensor_shapes,
     }

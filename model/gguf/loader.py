@@ -19,10 +19,11 @@ from model.dots1 import Dots1ForCausalLM
 from model.fp8_storage import deferred_projection_weights
 from model.gguf.blocks import FLOAT_TYPES, dequantize, split_blocks
 from model.gguf.config import config_from_gguf
-from model.gguf.reader import GGUFCheckpoint, GGUFTensor
+from model.gguf.reader import GGUFCheckpoint, GGUFTensor, read_metadata
 from model.gguf.tensor_map import Destination, tensor_destinations
 from model.linear import QuantizableProjection
 from model.moe import RoutedExperts
+from model.moe_backend import resolve_moe_backend
 from model.parallel import ParallelState
 from model.quant.packed import PackedQuantWeight, pack
 from model.quant.parts import stack_row_chunks
@@ -34,7 +35,7 @@ _ROWS_PER_CHUNK = 2048
 
 def load_gguf_model(path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
                     parallel: ParallelState | None = None, expert_metrics: bool = False,
-                    moe_backend: str = "torch", keep_quantized: bool | None = None) -> Dots1ForCausalLM:
+                    moe_backend: str = "auto", keep_quantized: bool | None = None) -> Dots1ForCausalLM:
     """The model of a dots1 GGUF file (or the first file of a split set), weights loaded. ``keep_quantized``
     (default: on the CPU, when the CPU kernels build) keeps quantized tensors packed; False dequantizes them into
     ``dtype``."""
@@ -43,13 +44,16 @@ def load_gguf_model(path: str | Path, *, dtype: torch.dtype, device: torch.devic
     if parallel.world_size > 1:
         raise ValueError(f"{path}: GGUF checkpoints run on one rank; tensor parallelism needs a safetensors "
                          "checkpoint")
+    config = config_from_gguf(read_metadata(path))
     checkpoint = GGUFCheckpoint(path)
-    config = config_from_gguf(checkpoint)
     if keep_quantized is None:
         keep_quantized = device.type == "cpu" and cpu_kernels_available()
+    if keep_quantized:
+        moe_backend = "torch"  # the packed experts run the fused CPU kernel (``RoutedExperts.use_quantized``)
+    else:
+        moe_backend = resolve_moe_backend(moe_backend, device, dtype, fp8=False, has_moe_layers=config.has_moe_layers)
     with torch.device(device), deferred_projection_weights():
-        model = Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype,
-                                 moe_backend="torch" if keep_quantized else moe_backend)
+        model = Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype, moe_backend=moe_backend)
     destinations = tensor_destinations(model)
     _check_tensors(checkpoint, destinations)
     grouped = _group_by_module(destinations)

@@ -4,6 +4,7 @@ The tensors stay memory-mapped: a tensor's bytes are read when the loader conver
 """
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,8 @@ class GGUFCheckpoint:
         files = split_files(self.path)
         self.readers = [_open(file) for file in files]
         self.metadata = self.readers[0]
-        architecture = self.get("general.architecture")
+        field = self.metadata.get_field("general.architecture")
+        architecture = None if field is None else field.contents()
         if architecture != ARCHITECTURE:
             raise ValueError(f"{self.path}: general.architecture is {architecture!r}; this engine runs "
                              f"{ARCHITECTURE!r} (dots.llm1) GGUF files only")
@@ -89,22 +91,41 @@ class GGUFCheckpoint:
                     raise ValueError(f"{file}: tensor {tensor.name!r} is also in {self.tensors[tensor.name].file}")
                 self.tensors[tensor.name] = _tensor(tensor, file)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        field = self.metadata.get_field(key)
-        return default if field is None else field.contents()
-
-    def require(self, key: str) -> Any:
-        value = self.get(key)
-        if value is None:
-            raise ValueError(f"{self.path}: metadata key {key!r} is missing")
-        return value
-
     def type_counts(self) -> dict[str, int]:
         """Tensors per type name, for the start-up log."""
         counts: dict[str, int] = {}
         for tensor in self.tensors.values():
             counts[tensor.type_name] = counts.get(tensor.type_name, 0) + 1
         return counts
+
+
+@dataclass(frozen=True)
+class GGUFMetadata:
+    """A GGUF file's metadata values and tensor shapes as plain Python: no mapping of the file stays open."""
+
+    path: Path
+    values: dict[str, Any]
+    tensor_shapes: dict[str, tuple[int, ...]]  # torch order
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+
+def read_metadata(path: str | Path) -> GGUFMetadata:
+    """The metadata of a dots1 GGUF file (or split set), validated as ``GGUFCheckpoint`` validates it. Parsing the
+    header takes seconds for a 152k-token vocabulary, and the config, the tokenizer and the stop tokens all need it:
+    it is parsed once per process and file version."""
+    path = Path(path)
+    stat = path.stat() if path.is_file() else None
+    return _read_metadata(path, stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
+
+
+@lru_cache(maxsize=4)
+def _read_metadata(path: Path, mtime_ns: int, size: int) -> GGUFMetadata:
+    checkpoint = GGUFCheckpoint(path)
+    values = {key: field.contents() for key, field in checkpoint.metadata.fields.items()
+              if not key.startswith("GGUF.")}
+    return GGUFMetadata(checkpoint.path, values, {name: t.shape for name, t in checkpoint.tensors.items()})
 
 
 def split_files(path: Path) -> list[Path]:

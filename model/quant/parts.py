@@ -5,6 +5,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from model.kernels.cpu.qlinear import qlinear_shared_input
 from model.quant.packed import PackedQuantWeight, nbytes
 
 WeightPart = PackedQuantWeight | torch.Tensor
@@ -12,8 +13,6 @@ WeightPart = PackedQuantWeight | torch.Tensor
 
 def matmul_parts(x: torch.Tensor, parts: list[WeightPart]) -> torch.Tensor:
     """x [T, K] -> float32 [T, sum of the parts' rows], the parts' outputs side by side."""
-    from model.kernels.cpu.qlinear import qlinear_shared_input
-
     packed = [part for part in parts if isinstance(part, PackedQuantWeight)]
     packed_outputs = iter(qlinear_shared_input(x, packed) if packed else [])
     outputs = [next(packed_outputs) if isinstance(part, PackedQuantWeight) else F.linear(x.float(), part.float())

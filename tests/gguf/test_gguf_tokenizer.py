@@ -2,12 +2,12 @@
 import random
 from pathlib import Path
 
-import gguf
 import pytest
 from gguf_checkpoints import hf_to_gguf
 from transformers import AutoTokenizer
 
 from model.embedded import EMBEDDED_MODEL_DIR
+from model.gguf.reader import read_metadata
 from model.gguf.tokenizer import gguf_eos_token_ids, ignored_bos_token_id, tokenizer_from_gguf
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|endofsystem|>", "<|userprompt|>", "<|endofuserprompt|>",
@@ -57,7 +57,7 @@ def hf_tokenizer():
 
 @pytest.fixture(scope="module")
 def tokenizer(gguf_file):
-    return tokenizer_from_gguf(gguf.GGUFReader(gguf_file), str(gguf_file))
+    return tokenizer_from_gguf(read_metadata(gguf_file))
 
 
 def written_with(tmp_path: Path, overrides: dict) -> Path:
@@ -110,19 +110,19 @@ def test_chat_template_gives_the_same_ids(tokenizer, hf_tokenizer, add_generatio
 
 def test_declared_bos_is_ignored_and_reported(tmp_path):
     path = written_with(tmp_path, {"tokenizer.ggml.bos_token_id": 11})
-    reader = gguf.GGUFReader(path)
-    tokenizer = tokenizer_from_gguf(reader, str(path))
-    assert ignored_bos_token_id(reader) == 11
+    metadata = read_metadata(path)
+    tokenizer = tokenizer_from_gguf(metadata)
+    assert ignored_bos_token_id(metadata) == 11
     assert tokenizer.bos_token is None
     assert tokenizer("In the beginning").input_ids[0] != 11
-    assert ignored_bos_token_id(gguf.GGUFReader(written_with(tmp_path, {"tokenizer.ggml.bos_token_id": -1}))) is None
+    assert ignored_bos_token_id(read_metadata(written_with(tmp_path, {"tokenizer.ggml.bos_token_id": -1}))) is None
 
 
 def test_eos_token_ids(gguf_file, tmp_path):
-    assert ignored_bos_token_id(gguf.GGUFReader(gguf_file)) is None
-    assert gguf_eos_token_ids(gguf.GGUFReader(gguf_file)) == [4095, 4089]
-    reader = gguf.GGUFReader(written_with(tmp_path, {"tokenizer.ggml.eos_token_id": 4089}))
-    assert gguf_eos_token_ids(reader) == [4089, 4095]
+    assert ignored_bos_token_id(read_metadata(gguf_file)) is None
+    assert gguf_eos_token_ids(read_metadata(gguf_file)) == [4095, 4089]
+    assert gguf_eos_token_ids(read_metadata(written_with(tmp_path, {"tokenizer.ggml.eos_token_id": 4089}))) == [
+        4089, 4095]
 
 
 @pytest.mark.parametrize(("key", "value"), [("tokenizer.ggml.pre", "llama-bpe"), ("tokenizer.ggml.pre", None),
@@ -130,4 +130,4 @@ def test_eos_token_ids(gguf_file, tmp_path):
 def test_unknown_tokenizer_is_refused(tmp_path, key, value):
     path = written_with(tmp_path, {key: value})
     with pytest.raises(ValueError, match=rf"edited\.gguf: {key.replace('.', '[.]')} {value!r}"):
-        tokenizer_from_gguf(gguf.GGUFReader(path), str(path))
+        tokenizer_from_gguf(read_metadata(path))

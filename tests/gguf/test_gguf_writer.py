@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from model.embedded import EMBEDDED_MODEL_DIR
+from model.gguf.reader import read_metadata
 from model.gguf.tokenizer import tokenizer_from_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -118,7 +119,7 @@ def test_metadata_as_the_converter_writes_it(f32_file, checkpoint):
 
 
 def test_padded_vocab_tokenizer_still_matches(f32_file):
-    tokenizer = tokenizer_from_gguf(f32_file, "f32.gguf")
+    tokenizer = tokenizer_from_gguf(read_metadata(f32_file.data.filename))
     hf_tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR, local_files_only=True)
     text = "And God said, Let there be light 我想 🦙<|endofresponse|>"
     assert len(tokenizer) == 4096

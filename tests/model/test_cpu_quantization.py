@@ -44,7 +44,10 @@ def test_quantized_embedded_model_stays_close_to_its_dequantized_weights(method:
     assert weight_summary(quantized)[1] < weight_summary(full)[1] * (0.45 if method == "int8" else 0.35)
     # The same model with every packed matrix dequantized back into plain float weights.
     reference = load_model(EMBEDDED_MODEL_DIR, dtype=torch.float32, device="cpu")
-    for (name, module), (_, original) in zip(quantized.named_modules(), reference.named_modules()):
+    originals = dict(reference.named_modules())
+    replaced = 0
+    for name, module in quantized.named_modules():
+        original = originals[name]
         if getattr(module, "quant_parts", None) is not None:
             original.weight = plain(torch.cat([dequantize(part) for part in module.quant_parts]))
         elif getattr(module, "quantized", None) is not None:
@@ -55,6 +58,12 @@ def test_quantized_embedded_model_stays_close_to_its_dequantized_weights(method:
             original.min_rows = 1
         elif name == "lm_head" and module.quant is not None:
             original.weight = plain(dequantize(module.quant))
+        else:
+            continue
+        replaced += 1
+    # Dense layer 0: qkv, o, gate_up, down; MoE layers 1-3: qkv, o, the expert stacks, the shared gate_up and down;
+    # and the LM head.
+    assert replaced == 4 + 3 * 5 + 1, replaced
     sequence = PROMPT + list(range(500, 530))
     expected = PagedRunner(reference).step({0: sequence}, all_logits=True)[0]
     got = PagedRunner(quantized).step({0: sequence}, all_logits=True)[0]
