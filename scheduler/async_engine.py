@@ -116,7 +116,8 @@ class AsyncEngine:
                              self.info.sampling_defaults)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float,
+        priority: int = 0,
     ) -> RequestStream:
         """Sends the request to the core; raises its validation errors here, before any output."""
         self._raise_if_dead()
@@ -129,7 +130,9 @@ class AsyncEngine:
             self._streams[request_id] = stream
             self.processor.add(request_id, list(prompt_token_ids), resolved)
             try:
-                self.client.add_request(EngineCoreRequest(request_id, list(prompt_token_ids), resolved, arrival_time))
+                self.client.add_request(
+                    EngineCoreRequest(request_id, list(prompt_token_ids), resolved, arrival_time, priority)
+                )
             except EngineDeadError:
                 self._streams.pop(request_id, None)
                 self.processor.remove(request_id)
@@ -137,10 +140,11 @@ class AsyncEngine:
         return RequestStream(self, request_id, stream)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Streams the request's deltas. Validation errors are raised before the first one; stopping early aborts it."""
-        stream = self.add_request(request_id, prompt_token_ids, params, arrival_time)
+        stream = self.add_request(request_id, prompt_token_ids, params, arrival_time, priority)
         try:
             async for output in stream:
                 yield output

@@ -14,6 +14,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the config's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    scheduling_policy: str = "fcfs"  # fcfs (arrival order) or priority (a request's priority, then arrival)
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the KV cache; None: gpu_memory_utilization on CUDA, 1 GiB on CPU
     gpu_memory_utilization: float = 0.9  # fraction of free GPU memory for KV cache after loading weights

@@ -15,6 +15,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True):
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    priority: int = 0  # lower runs first under the priority scheduling policy
 
 
 class FinishChoice(msgspec.Struct, array_like=True):

@@ -49,7 +49,8 @@ class EngineCore:
         self.generation_defaults = load_generation_defaults(config.model)
         self.max_model_len = self._resolve_max_model_len(config)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.scheduling_policy)
         self.device = self.executor.device
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
         self.info = EngineInfo(
@@ -260,6 +261,7 @@ class EngineCore:
                 seq_id=next(self._seq_ids), request_id=request_id, index=index, token_ids=list(prompt),
                 num_prompt_tokens=len(prompt), params=resolved,
                 needs_prompt_logprobs=index == 0 and resolved.prompt_logprobs is not None,
+                priority=core_request.priority,
             )
             seq.sampling = build_sampling_state(
                 resolved, prompt, self.info.vocab_size, self.info.eos_token_ids, self.device,
@@ -283,7 +285,7 @@ class EngineCore:
         children = [child for child in request.seqs[1:] if not child.is_finished]
         for child in children:
             self.block_manager.fork(parent, child, parent.num_prompt_tokens - 1)
-        self.scheduler.add_first(children)
+        self.scheduler.add_forks(parent, children)
 
     def _record_prompt_logprobs(self, plan: StepPlan, logits: torch.Tensor, failed: dict[str, str]) -> None:
         for span in plan.prompt_logprob_spans:

@@ -64,13 +64,20 @@ class LLM:
         self,
         prompts: list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
+        priority: list[int] | None = None,
     ) -> list[GenerationResult]:
-        """Runs every prompt (text, or token ids) to completion; invalid input raises before anything runs."""
+        """Runs every prompt (text, or token ids) to completion; invalid input raises before anything runs.
+
+        ``priority``: one per prompt, lower first, for an engine with ``scheduling_policy="priority"``.
+        """
         if params is None:
             params = SamplingParams()
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        priorities = priority if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         info = self.client.info
         resolved = [check_request(ids, p, info.vocab_size, info.max_model_len, info.sampling_defaults)
@@ -81,11 +88,11 @@ class LLM:
             self.processor.remove(request_id)
             self.client.finish_choices([FinishChoice(request_id, None, "abort")])
         results: dict[str, GenerationResult] = {}
-        for ids, p in zip(prompt_ids, resolved):
+        for ids, p, request_priority in zip(prompt_ids, resolved, priorities):
             request_id = f"offline-{next(self._request_ids)}"
             results[request_id] = GenerationResult(request_id, ids, [Completion(i, "") for i in range(p.n)])
             self.processor.add(request_id, ids, p)
-            self.client.add_request(EngineCoreRequest(request_id, ids, p, time.monotonic()))
+            self.client.add_request(EngineCoreRequest(request_id, ids, p, time.monotonic(), request_priority))
         while self.processor.has_unfinished() or self.client.has_unfinished():
             outputs, to_finish = self.processor.process(self.client.get_outputs())
             self.client.finish_choices(to_finish)

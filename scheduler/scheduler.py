@@ -1,16 +1,18 @@
 """Picks what runs each step under a token budget and a sequence budget, and preempts when KV blocks run out.
 
-Running decodes go first, then running prefills, then waiting sequences in arrival order; the last prefill is
-chunked to fill the token budget. When a running sequence cannot get a block, the most recently admitted running
-sequence is preempted: its blocks are freed and it is recomputed later from its token ids (prompt and output so far).
+Running decodes go first, then running prefills, then waiting sequences in the policy's order (``waiting_queue.py``:
+arrival, or priority then arrival); the last prefill is chunked to fill the token budget. When a running sequence
+cannot get a block, a running sequence is preempted (the most recently admitted, or under the priority policy the
+lowest priority): its blocks are freed and it is recomputed later from its token ids (prompt and output so far).
 Prompts that need prompt logprobs compute at most ``MAX_PROMPT_LOGPROB_ROWS_PER_STEP`` positions per step in all
 (each position costs a log-softmax over the vocabulary and a copy to the host).
 """
-from collections import deque
+import itertools
 from dataclasses import dataclass, field
 
 from scheduler.block_manager import BlockManager
 from scheduler.sequence import Sequence, SequenceStatus
+from scheduler.waiting_queue import SchedulingPolicy, WaitingQueue, preemption_victim
 
 MAX_PROMPT_LOGPROB_ROWS_PER_STEP = 512
 
@@ -32,21 +34,29 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+        policy: SchedulingPolicy = "fcfs",
+    ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.policy = policy
+        self.waiting = WaitingQueue(policy)
         self.running: list[Sequence] = []  # in admission order
+        self._arrivals = itertools.count()
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        seq.arrival_order = next(self._arrivals)
+        self.waiting.add(seq)
 
-    def add_first(self, seqs: list[Sequence]) -> None:
-        """Queues ``seqs`` ahead of every waiting sequence, in their given order."""
-        self.waiting.extendleft(reversed(seqs))
+    def add_forks(self, parent: Sequence, children: list[Sequence]) -> None:
+        """Queues choices forked from ``parent`` (which ran) ahead of their equals, in their given order."""
+        for child in children:
+            child.priority, child.arrival_order = parent.priority, parent.arrival_order
+        self.waiting.put_back(children)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -68,7 +78,7 @@ class Scheduler:
                 if num_new == 0:
                     continue
             while not self.block_manager.allocate(seq, num_new):
-                victim = self.running[-1]
+                victim = preemption_victim(self.running, self.policy)
                 budget += scheduled.pop(victim, 0)
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -81,7 +91,7 @@ class Scheduler:
                     prompt_logprob_rows -= num_new
         # Admitting new work right after a preemption would only preempt again.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
-            seq = self.waiting[0]
+            seq = self.waiting.peek()
             prefix: list[int] = []
             if not seq.block_table:
                 prefix = self.block_manager.match_prefix(seq)
@@ -93,7 +103,7 @@ class Scheduler:
                     break
             if not self.block_manager.can_admit(seq, prefix, num_new):
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             if not seq.block_table:
                 out.prefix_cache_queries += seq.num_tokens
                 out.prefix_cache_hits += num_computed
@@ -131,4 +141,4 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.put_back([seq])

@@ -32,6 +32,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks of token_ids
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
     num_cached_tokens: int | None = None  # prompt tokens served by the prefix cache at first admission
+    priority: int = 0  # the request's; lower runs first under the priority scheduling policy
+    arrival_order: int = 0  # set by the scheduler when the sequence is first queued: breaks priority ties
 
     @property
     def num_tokens(self) -> int:

@@ -13,6 +13,7 @@ import yaml
 
 from model.embedded import EMBEDDED_MODEL_DIR
 from scheduler.config import EngineConfig
+from scheduler.waiting_queue import SCHEDULING_POLICIES
 from server.chat_template import load_chat_template
 from server.config import ServerConfig
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's max_position_embeddings")
     engine.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most")
     engine.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens in one engine step at most")
+    engine.add_argument("--scheduling-policy", default="fcfs", choices=list(SCHEDULING_POLICIES),
+                        help="fcfs: requests wait in arrival order; priority: by their 'priority' field (lower "
+                        "first, ties by arrival), and a preemption takes the lowest priority running request")
     engine.add_argument("--kv-cache-memory", type=byte_size, help="bytes for the KV cache (e.g. 2GiB); default: "
                         "--gpu-memory-utilization on CUDA, 1 GiB on CPU")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,

@@ -34,6 +34,7 @@ class GenerationInput:
     prompts: list[PromptInput]
     params: list[SamplingParams]  # one per prompt (max_tokens depends on the prompt length)
     arrival_time: float
+    priority: int = 0
 
     def engine_request_id(self, prompt_index: int) -> str:
         return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{prompt_index}"
@@ -56,7 +57,7 @@ async def prompt_updates(
     params = generation.params[prompt_index]
     try:
         stream = engine.add_request(request_id, generation.prompts[prompt_index].token_ids, params,
-                                    generation.arrival_time)
+                                    generation.arrival_time, generation.priority)
     except ENGINE_ERRORS as error:
         raise from_engine_error(error) from error
     # The core gets an abort after the request itself (one channel, in order), so a drain abort reaches a request

@@ -44,7 +44,8 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
                                  {"max_tokens": max_tokens_param, "logprobs": "top_logprobs", "prompt": "messages"})
         record.prompt_tokens = len(prompt.token_ids)
         record.prompt_text = prompt.text
-        return GenerationInput(record.completion_id, [prompt], [params], record.arrival_time)
+        return GenerationInput(record.completion_id, [prompt], [params], record.arrival_time,
+                               self.state.check_priority(body.priority))
 
     async def constraint(
         self, body: ChatCompletionRequest, tools: ToolSetup, engine: AsyncEngine

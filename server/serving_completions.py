@@ -88,7 +88,8 @@ class Completions(GenerationRoute[CompletionRequest]):
         record.prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
         texts = [prompt.text for prompt in prompts]
         record.prompt_text = texts[0] if len(texts) == 1 else repr(texts)
-        return GenerationInput(record.completion_id, prompts, per_prompt, record.arrival_time)
+        return GenerationInput(record.completion_id, prompts, per_prompt, record.arrival_time,
+                               self.state.check_priority(body.priority))
 
     async def stream(
         self, body: CompletionRequest, engine: AsyncEngine, generation: GenerationInput, ticket: Ticket,

@@ -122,6 +122,13 @@ class ServerState:
                 param="model", code="model_not_found",
             )
 
+    def check_priority(self, priority: int) -> int:
+        """A request's ``priority``: any value under the priority policy, only the default 0 under fcfs (as vLLM)."""
+        if priority != 0 and self.engine_config.scheduling_policy != "priority":
+            raise APIError(400, f"Got priority {priority}, but this server schedules first come, first served; "
+                           "start it with --scheduling-policy priority to use priorities.", param="priority")
+        return priority
+
     def shutdown(self) -> None:
         """Stops a load in progress (killing the engine process) or the loaded engine."""
         with self._load_lock:

@@ -34,6 +34,9 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None  # assistant messages
     function_call: FunctionCall | None = None  # assistant messages, legacy
     tool_call_id: str | None = None  # tool messages
+    # A reasoning model's earlier thoughts, as clients send them back; dots.llm1 does not reason: never rendered.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @field_validator("content")
     @classmethod

@@ -40,6 +40,7 @@ class SamplingRequest(OpenAIRequest):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Extensions.
+    priority: int = 0  # lower runs first with --scheduling-policy priority
     top_k: int | None = None
     min_p: float = 0.0
     repetition_penalty: float | None = None

@@ -1,4 +1,6 @@
 """The offline API with the engine core in its own process gives what the in-process core gives."""
+import pytest
+
 from conftest import make_llm, random_prompts
 from scheduler.llm import LLM
 from scheduler.sampling_params import SamplingParams
@@ -22,7 +24,12 @@ def test_the_engine_process_matches_the_in_process_core(llm: LLM) -> None:
         assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
         assert [c.text for c in got.outputs] == [c.text for c in want.outputs]
         assert [c.finish_reason for c in got.outputs] == [c.finish_reason for c in want.outputs]
-    assert results[0].outputs[0].logprobs == expected[0].outputs[0].logprobs
+    # Requests reach the core process over a socket while it already steps, so its first batches may be cut
+    # differently from the in-process core's, and fp32 kernels round differently at another batch size.
+    got_logprobs, want_logprobs = results[0].outputs[0].logprobs, expected[0].outputs[0].logprobs
+    assert [(e.token_id, [t for t, _ in e.top]) for e in got_logprobs] == \
+        [(e.token_id, [t for t, _ in e.top]) for e in want_logprobs]
+    assert [e.logprob for e in got_logprobs] == pytest.approx([e.logprob for e in want_logprobs], abs=1e-5)
     assert stopped.outputs[0].finish_reason == "stop" and stopped.outputs[0].stop_reason == stop
     full = expected[0].outputs[0].text
     assert stopped.outputs[0].text == full[: full.index(stop)]
