@@ -1,9 +1,10 @@
 """The asyncio face of the engine core for the server: requests in, per-request streams of text deltas out.
 
 One output thread per front end takes each batch the core sends (one per engine step), detokenizes it and checks
-stop strings (``OutputProcessor``), then hands every request's output to its stream with one event-loop wake-up
-per batch. By default the core runs in its own process (``MultiprocessClient``), so nothing here competes with
-the model for the GIL; ``engine_process=False`` runs it on the output thread instead (``InprocClient``).
+stop strings (``OutputProcessor``) outside the lock that guards the table of streams, then hands every request's
+output to its stream with one event-loop wake-up per batch. By default the core runs in its own process
+(``MultiprocessClient``), so nothing here competes with the model for the GIL; ``engine_process=False`` runs it on
+the output thread instead (``InprocClient``).
 """
 import asyncio
 import logging
@@ -193,7 +194,12 @@ class AsyncEngine:
             while (outputs := self.client.get_outputs()) is not None:
                 batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
                 with self._lock:
-                    results, to_finish = self.processor.process(outputs)
+                    claimed = self.processor.claim(outputs)
+                # Detokenization, stop strings and metrics run unlocked: add_request on the event loop never waits
+                # for a batch's text. Only this thread touches a claimed request's state.
+                results, to_finish = self.processor.convert(outputs, claimed)
+                with self._lock:
+                    self.processor.release(claimed, results)
                     for result in results:
                         stream = self._streams.get(result.request_id)
                         if stream is not None:

@@ -94,15 +94,32 @@ class OutputProcessor:
         return bool(self.requests)
 
     def process(self, outputs: EngineCoreOutputs) -> tuple[list[RequestOutput], list[FinishChoice]]:
-        """Request outputs for the callers, and the choices the engine core must now finish (stop strings, failures)."""
-        self.num_running, self.num_waiting, self.kv_cache_usage = outputs.num_running, outputs.num_waiting, outputs.kv_cache_usage
+        """Request outputs for the callers, and the choices the engine core must now finish (stop strings, failures).
+
+        One thread: ``claim``, ``convert`` and ``release`` in a row. A front end whose request table other threads
+        change holds its lock around ``claim`` and ``release`` only, so detokenization never blocks new requests.
+        """
+        claimed = self.claim(outputs)
+        results, to_finish = self.convert(outputs, claimed)
+        self.release(claimed, results)
+        return results, to_finish
+
+    def claim(self, outputs: EngineCoreOutputs) -> list[tuple[RequestState, CoreRequestOutput]]:
+        """Each output with its request's state; outputs of requests that ended here already are dropped."""
+        return [(state, output) for output in outputs.outputs
+                if (state := self.requests.get(output.request_id)) is not None]
+
+    def convert(
+        self, outputs: EngineCoreOutputs, claimed: list[tuple[RequestState, CoreRequestOutput]]
+    ) -> tuple[list[RequestOutput], list[FinishChoice]]:
+        """Detokenizes the claimed outputs and reports the step's statistics; touches no shared table. One result
+        per claimed output, in order."""
+        self.num_running, self.num_waiting = outputs.num_running, outputs.num_waiting
+        self.kv_cache_usage = outputs.kv_cache_usage
         self._report_stats(outputs)
         results: list[RequestOutput] = []
         to_finish: list[FinishChoice] = []
-        for output in outputs.outputs:
-            state = self.requests.get(output.request_id)
-            if state is None:
-                continue  # ended here already (stop string, failure, consumer gone)
+        for state, output in claimed:
             try:
                 result = self._apply(state, output, to_finish)
             except Exception as error:  # this request fails alone; the engine core drops it
@@ -110,10 +127,14 @@ class OutputProcessor:
                 result = self._fail(state, f"post-processing failed: {error!r}")
                 if not output.finished:
                     to_finish.append(FinishChoice(state.request_id, None, "abort"))
-            if result.finished:
-                del self.requests[state.request_id]
             results.append(result)
         return results, to_finish
+
+    def release(self, claimed: list[tuple[RequestState, CoreRequestOutput]], results: list[RequestOutput]) -> None:
+        """Forgets the requests that finished (unless already removed or replaced meanwhile)."""
+        for (state, _), result in zip(claimed, results):
+            if result.finished and self.requests.get(state.request_id) is state:
+                del self.requests[state.request_id]
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         results = [self._fail(state, message) for state in self.requests.values()]

@@ -1,6 +1,7 @@
 """The engine behind asyncio (the core on the output thread, InprocClient): concurrent streams, cancellation,
 failing steps and post-processing, a dead loop, shutdown."""
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
@@ -181,3 +182,35 @@ def test_shutdown_aborts_requests_in_flight() -> None:
     outputs = asyncio.run(main())
     assert outputs[-1].finished and outputs[-1].outputs[-1].finish_reason == "abort"
     assert not engine.is_alive
+
+
+def test_a_new_request_does_not_wait_for_a_batch_being_detokenized(engine: AsyncEngine, monkeypatch) -> None:
+    """The output thread holds the engine's lock around its table of streams only, not around detokenization."""
+    converting, release = threading.Event(), threading.Event()
+    gave_up: list[bool] = []
+    convert = engine.processor.convert
+
+    def slow_convert(*args):
+        converting.set()
+        gave_up.append(not release.wait(10))  # a deadlock guard: a lock held here would block add_request until then
+        return convert(*args)
+
+    monkeypatch.setattr(engine.processor, "convert", slow_convert)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    async def main() -> list[RequestOutput]:
+        first = asyncio.create_task(collect(engine, "held", [5, 6, 7], params))
+        assert await asyncio.to_thread(converting.wait, 60)  # the output thread is inside convert()
+        added = engine.add_request("meanwhile", [8, 9], params, time.monotonic())
+        release.set()
+        monkeypatch.setattr(engine.processor, "convert", convert)
+        outputs = [output async for output in added]
+        await first
+        return outputs
+
+    try:
+        outputs = asyncio.run(main())
+    finally:
+        release.set()
+    assert gave_up[0] is False
+    assert outputs[-1].finished and sum(len(d.token_ids) for o in outputs for d in o.outputs) == 3

@@ -1,4 +1,5 @@
-"""The priority scheduling policy: admission by (priority, arrival), preemption of the lowest priority; fcfs as before."""
+"""The priority scheduling policy: admission by (priority, arrival), preemption of the lowest priority; fcfs as
+before."""
 import pytest
 
 from sched_helpers import make_seq

@@ -77,7 +77,8 @@ def test_reasoning_on_input_messages_is_accepted_and_ignored(http: httpx.Client)
              {"role": "user", "content": "And again?"}]
     with_reasoning = [dict(message) for message in plain]
     with_reasoning[1] |= {"reasoning_content": "The user greets me.", "reasoning": "A greeting."}
-    counts = [http.post("/tokenize", json={"messages": messages}).json()["tokens"] for messages in (plain, with_reasoning)]
-    assert counts[0] == counts[1]
+    tokens = [http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+              for messages in (plain, with_reasoning)]
+    assert tokens[0] == tokens[1]
     response = http.post("/v1/chat/completions", json={"messages": with_reasoning, "max_tokens": 2})
     assert response.status_code == 200, response.text
