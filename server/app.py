@@ -12,6 +12,7 @@ from server.chat_page import add_chat_page, page_url
 from server.errors import APIError, install_error_handlers
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from server.protocol.tokenize import DetokenizeRequest, TokenizeRequest
+from server.router_routes import add_router_routes
 from server.serving import parse_body
 from server.serving_chat import ChatCompletions
 from server.serving_completions import Completions
@@ -47,6 +48,7 @@ def build_app(state: ServerState, on_load_failure: Callable[[], None]) -> FastAP
         add_chat_page(app)
     chat = ChatCompletions(state)
     completions = Completions(state)
+    add_router_routes(app, state, chat, completions)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY,

@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds in-flight requests may take to finish after SIGTERM/SIGINT before being aborted")
     http.add_argument("--ui", action=argparse.BooleanOptionalAction, default=True,
                       help="serve the chat page at / (--no-ui: the API only)")
+    http.add_argument("--vllm-metrics", action=argparse.BooleanOptionalAction, default=True,
+                      help="also export the load and cache series routers read (llm-d's endpoint picker) under "
+                      "vLLM's names on /metrics, e.g. vllm:num_requests_waiting")
+    http.add_argument("--get-load-format", default="vllm-router", choices=["vllm-router", "sglang"],
+                      help="body of GET /get_load for power_of_two routing: vllm-router {\"load\": N}, or "
+                      "sglang-router's list of per-rank loads")
     http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     http.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log line")
     return parser
@@ -200,6 +206,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         log_level=args.log_level,
         engine_process=args.engine_process,
         ui=args.ui,
+        vllm_metrics=args.vllm_metrics,
+        get_load_format=args.get_load_format,
     )
 
 

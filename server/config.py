@@ -15,6 +15,8 @@ class ServerConfig:
     log_level: str = "info"
     engine_process: bool = True  # the engine core in its own process; False: on a thread of the server (debugging)
     ui: bool = True  # the chat page at /
+    vllm_metrics: bool = True  # router-facing series also under vLLM's names (server/vllm_metrics.py)
+    get_load_format: str = "vllm-router"  # the body of GET /get_load: "vllm-router" or "sglang"
 
     @property
     def model_name(self) -> str:

@@ -8,6 +8,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from scheduler.stats import RequestStats, StatsListener, StepStats
+from server.vllm_metrics import VllmMetricAliases
 
 PREFIX = "dots_serve"
 SUCCESS_FINISH_REASONS = ("stop", "length", "abort")
@@ -29,15 +30,17 @@ TOKEN_COUNT_BUCKETS = tuple(float(2**i) for i in range(18))  # 1 .. 131072 token
 
 
 class ServerMetrics:
-    """All metrics of one served model; ``render()`` gives the body and content type of GET /metrics."""
+    """All metrics of one served model; ``render()`` gives the body and content type of GET /metrics.
+    ``vllm_aliases``: also export the router-facing series under vLLM's names (see vllm_metrics.py)."""
 
-    def __init__(self, model_name: str, info: dict[str, str]) -> None:
+    def __init__(self, model_name: str, info: dict[str, str], vllm_aliases: bool = True) -> None:
         # Without this every counter and histogram also exports a *_created series, doubling the series count.
         prometheus_client.disable_created_metrics()
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.stats_listener: StatsListener = self
         labels = ["model_name"]
+        self.vllm = VllmMetricAliases(self.registry, model_name) if vllm_aliases else None
 
         # Metrics without labels of their own are bound to this model once, here.
         def labelled_counter(name: str, doc: str, extra_labels: tuple[str, ...]) -> Counter:
@@ -141,6 +144,8 @@ class ServerMetrics:
             raise ValueError(f"unknown info labels {sorted(unknown)}; expected a subset of {list(INFO_LABELS)}")
         self._info_labels |= {key: str(value) for key, value in info.items()}
         self._info.labels(self.model_name).info(self._info_labels)
+        if self.vllm is not None and {"block_size", "num_kv_blocks"} <= set(self._info_labels):
+            self.vllm.set_cache_config(self._info_labels["block_size"], self._info_labels["num_kv_blocks"])
 
     def set_ready(self, ready: bool) -> None:
         self.ready.labels(self.model_name).set(1 if ready else 0)
@@ -149,6 +154,8 @@ class ServerMetrics:
         self.requests_running.set(running)
         self.requests_waiting.set(waiting)
         self.kv_cache_usage.set(kv_cache_usage)
+        if self.vllm is not None:
+            self.vllm.set_gauges(running, waiting, kv_cache_usage)
 
     def render(self) -> tuple[bytes, str]:
         # Every name here is a classic Prometheus name, so the 0.0.4 text format that all scrapers read is exact.
@@ -162,6 +169,8 @@ class ServerMetrics:
         self.grammar_rejections.inc(step.num_grammar_rejections)
         self.prefix_cache_queries.inc(step.prefix_cache_queries)
         self.prefix_cache_hits.inc(step.prefix_cache_hits)
+        if self.vllm is not None:
+            self.vllm.on_step(step)
         if step.num_seqs > 0:
             self.iteration_tokens.observe(step.num_tokens)
             self.step_duration.observe(step.duration_s)
@@ -173,6 +182,8 @@ class ServerMetrics:
             self.request_success.labels(self.model_name, request.finish_reason).inc()
         self.prompt_tokens.inc(request.prompt_tokens)
         self.generation_tokens.inc(request.generation_tokens)
+        if self.vllm is not None:
+            self.vllm.on_request_finished(request)
         self.request_prompt_tokens.observe(request.prompt_tokens)
         self.request_generation_tokens.observe(request.generation_tokens)
         if request.finished_time is not None:

@@ -59,7 +59,7 @@ class DrainingServer(uvicorn.Server):
 def run_server(config: ServerConfig, engine_config: EngineConfig, info: dict[str, str]) -> int:
     """Serves until a signal (exit status 0), a failed model load, a signal before the model loaded or a dead engine
     (exit status 1)."""
-    metrics = ServerMetrics(config.model_name, info)
+    metrics = ServerMetrics(config.model_name, info, vllm_aliases=config.vllm_metrics)
     state = ServerState(config, engine_config, metrics)
     uvicorn_config = uvicorn.Config(
         app=None,

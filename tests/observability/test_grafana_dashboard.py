@@ -83,7 +83,8 @@ def test_required_panels_read_the_right_metrics():
 
 
 def test_every_metric_in_the_dashboard_is_exported_and_every_exported_metric_is_shown():
-    exported = exported_sample_names(populated_metrics())
+    # The vllm:* series are aliases of dots_serve_* ones for routers (server/vllm_metrics.py): shown once, natively.
+    exported = {name for name in exported_sample_names(populated_metrics()) if not name.startswith("vllm:")}
     used = set().union(*(panel_metrics(panel) for panel in query_panels(load_dashboard())))
     assert used <= exported, f"dashboard reads metrics the server does not export: {sorted(used - exported)}"
     exported_families = {name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for name in exported}
