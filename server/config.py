@@ -15,6 +15,7 @@ class ServerConfig:
     log_level: str = "info"
     engine_process: bool = True  # the engine core in its own process; False: on a thread of the server (debugging)
     ui: bool = True  # the chat page at /
+    responses_store_size: int = 64  # finished /v1/responses kept for previous_response_id and GET; 0: none
 
     @property
     def model_name(self) -> str:
