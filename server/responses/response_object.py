@@ -11,7 +11,8 @@ FAILURE_CODES = ("server_error", "rate_limit_exceeded", "context_length_exceeded
 def response_usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": cached_tokens},
+        # cache_write_tokens is OpenAI's explicitly cached prompt; the prefix cache here is implicit.
+        "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": input_tokens + output_tokens,
@@ -26,7 +27,7 @@ def response_object(
     request: ResponsesRequest, response_id: str, model: str, created_at: int, stored: bool, status: str,
     output: list[dict[str, Any]], usage: dict[str, Any] | None = None, error: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    return {
+    response = {
         "id": response_id,
         "object": "response",
         "created_at": created_at,
@@ -49,7 +50,11 @@ def response_object(
         "tools": echoed_tools(request),
         "top_p": request.top_p,
         "truncation": request.truncation or "disabled",
-        "usage": usage,
-        "user": request.user,
         "metadata": request.metadata or {},
     }
+    # Not nullable in OpenAI's schema: present or absent.
+    if usage is not None:
+        response["usage"] = usage
+    if request.user is not None:
+        response["user"] = request.user
+    return response
