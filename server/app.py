@@ -13,6 +13,7 @@ from server.errors import APIError, install_error_handlers
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from server.protocol.tokenize import DetokenizeRequest, TokenizeRequest
 from server.router_routes import add_router_routes
+from server.responses.serving import Responses
 from server.serving import parse_body
 from server.serving_chat import ChatCompletions
 from server.serving_completions import Completions
@@ -49,6 +50,7 @@ def build_app(state: ServerState, on_load_failure: Callable[[], None]) -> FastAP
     chat = ChatCompletions(state)
     completions = Completions(state)
     add_router_routes(app, state, chat, completions)
+    responses = Responses(state)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY,
@@ -61,6 +63,18 @@ def build_app(state: ServerState, on_load_failure: Callable[[], None]) -> FastAP
     @app.post("/v1/completions")
     async def create_completion(request: Request) -> Response:
         return await completions.handle(request)
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request) -> Response:
+        return await responses.handle(request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> dict:
+        return responses.store.get(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict:
+        return responses.store.delete(response_id)
 
     @app.get("/v1/models")
     async def list_models() -> dict:

@@ -33,6 +33,16 @@ def byte_size(text: str | int) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a whole number of 0 or more: {text!r}")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the ones that are None (their help says what happens then)."""
 
@@ -123,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--get-load-format", default="vllm-router", choices=["vllm-router", "sglang"],
                       help="body of GET /get_load for power_of_two routing: vllm-router {\"load\": N}, or "
                       "sglang-router's list of per-rank loads")
+    http.add_argument("--responses-store-size", type=non_negative_int, default=64,
+                      help="finished /v1/responses kept in memory for previous_response_id and GET/DELETE "
+                      "/v1/responses/{id}, the least recently used dropped first; 0: none are kept")
     http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     http.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log line")
     return parser
@@ -208,6 +221,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         ui=args.ui,
         vllm_metrics=args.vllm_metrics,
         get_load_format=args.get_load_format,
+        responses_store_size=args.responses_store_size,
     )
 
 

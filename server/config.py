@@ -17,6 +17,7 @@ class ServerConfig:
     ui: bool = True  # the chat page at /
     vllm_metrics: bool = True  # router-facing series also under vLLM's names (server/vllm_metrics.py)
     get_load_format: str = "vllm-router"  # the body of GET /get_load: "vllm-router" or "sglang"
+    responses_store_size: int = 64  # finished /v1/responses kept for previous_response_id and GET; 0: none
 
     @property
     def model_name(self) -> str:

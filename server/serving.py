@@ -15,14 +15,14 @@ from scheduler.async_engine import AsyncEngine
 from server.admission import Ticket
 from server.errors import APIError, from_validation_error
 from server.generation import GenerationInput
-from server.protocol.common import SamplingRequest
+from server.protocol.common import OpenAIRequest
 from server.request_log import RequestRecord
 from server.state import ServerState
 from server.streaming import DONE_EVENT, ClientDisconnected, GenerationStream, sse_event, until_disconnected
 
 logger = logging.getLogger(__name__)
 
-RequestT = TypeVar("RequestT", bound=SamplingRequest)
+RequestT = TypeVar("RequestT", bound=OpenAIRequest)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"; only metrics ever see it
 
 
@@ -53,8 +53,11 @@ class GenerationRoute(ABC, Generic[RequestT]):
         self.config = state.config
 
     def num_sequences(self, body: RequestT) -> int:
-        """What admission counts: n choices of each prompt."""
+        """What admission counts: n choices of each prompt (chat and completions requests have ``n``)."""
         return body.n
+
+    def new_id(self) -> str:
+        return f"{self.id_prefix}-{uuid.uuid4().hex}"
 
     @abstractmethod
     async def prepare(self, body: RequestT, engine: AsyncEngine, record: RequestRecord) -> GenerationInput:
@@ -84,7 +87,7 @@ class GenerationRoute(ABC, Generic[RequestT]):
             self.state.metrics.record_rejected(error.code or error.type)
             raise
         record = RequestRecord(
-            completion_id=f"{self.id_prefix}-{uuid.uuid4().hex}",
+            completion_id=self.new_id(),
             request_id=request.state.request_id,
             route=self.route,
             arrival_time=arrival_time,

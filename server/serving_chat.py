@@ -1,12 +1,10 @@
 """POST /v1/chat/completions."""
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from scheduler.async_engine import AsyncEngine
 from scheduler.outputs import TokenLogprob
-from scheduler.structured_output.spec import StructuredOutputSpec
 from server.admission import Ticket
 from server.chat_output import ChoiceOutput
 from server.errors import invalid_request
@@ -17,8 +15,8 @@ from server.request_log import RequestRecord
 from server.sampling import build_sampling_params, check_prompts
 from server.serving import GenerationRoute, usage
 from server.streaming import DONE_EVENT, ChunkEncoder
-from server.structured_outputs import compile_or_400, request_spec
-from server.tools import ToolSetup, parse_tools, tool_call_spec
+from server.structured_outputs import request_spec
+from server.tools import answer_constraint, parse_tools
 
 
 class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
@@ -35,7 +33,8 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
             prompt_logprobs=None,
         )
         tools = parse_tools(body)
-        constraint = await self.constraint(body, tools, engine)
+        spec, param = request_spec(body.response_format, body.structured_outputs)
+        constraint = await answer_constraint(spec, param, tools, engine.grammar_compiler)
         params = replace(params, structured_output=constraint)
         prompt = await self.state.tokenization.chat_prompt(
             body.messages, body.add_generation_prompt, body.continue_final_message, tools.template_tools()
@@ -46,24 +45,6 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
         record.prompt_text = prompt.text
         return GenerationInput(record.completion_id, [prompt], [params], record.arrival_time,
                                self.state.check_priority(body.priority))
-
-    async def constraint(
-        self, body: ChatCompletionRequest, tools: ToolSetup, engine: AsyncEngine
-    ) -> StructuredOutputSpec | None:
-        """The grammar of the answer: response_format / structured_outputs, or the tool calls; compiled (400 if it
-        cannot be enforced) off the event loop."""
-        spec, param = request_spec(body.response_format, body.structured_outputs)
-        tool_spec = tool_call_spec(tools)
-        if spec is not None and tool_spec is not None:
-            raise invalid_request(f"{param} cannot be combined with tool calls; set tool_choice to 'none'", param=param)
-        if tool_spec is None:
-            await compile_or_400(engine.grammar_compiler, spec, param)
-            return spec
-        for tool in tools.allowed:  # each on its own first, so that an error names the tool
-            parameters = StructuredOutputSpec("json_schema", json.dumps(tool.parameters))
-            await compile_or_400(engine.grammar_compiler, parameters, tool.param)
-        await compile_or_400(engine.grammar_compiler, tool_spec, "tools")
-        return tool_spec
 
     def logprobs(self, body: ChatCompletionRequest, entries: list[TokenLogprob] | None) -> dict | None:
         if not body.logprobs:

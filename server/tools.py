@@ -5,13 +5,16 @@ A call is ``<tool_call>{"name":NAME,"arguments":{...}}</tool_call>`` (the format
 ``required`` and named choices allow only calls; ``auto`` allows text that may turn into calls at the tag, after
 which only calls follow; ``parallel_tool_calls: false`` allows one call.
 """
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from scheduler.structured_output.compiler import GrammarCompiler
 from scheduler.structured_output.spec import StructuredOutputSpec, tool_call_value
 from server.errors import invalid_request
 from server.protocol.chat import ChatCompletionRequest
+from server.structured_outputs import compile_or_400
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -58,11 +61,15 @@ def parse_tools(request: ChatCompletionRequest) -> ToolSetup:
         setup.mode, named = read_choice(request.tool_choice, tools, "tool_choice")
     if named is not None:
         setup.allowed = [tool for tool in tools if tool.name == named]  # the template still shows every tool
-    names = [tool.name for tool in tools]
-    duplicate = next((name for name in names if names.count(name) > 1), None)
+    duplicate = duplicate_name(tools)
     if duplicate is not None:
         raise invalid_request(f"two tools are named {duplicate!r}", param="functions" if setup.legacy else "tools")
     return setup
+
+
+def duplicate_name(tools: list[Tool]) -> str | None:
+    names = [tool.name for tool in tools]
+    return next((name for name in names if names.count(name) > 1), None)
 
 
 def read_tool(tool: dict[str, Any], index: int) -> Tool:
@@ -112,3 +119,21 @@ def tool_call_spec(setup: ToolSetup) -> StructuredOutputSpec | None:
     mode = "auto" if setup.mode == "auto" else "required"
     tools = [(tool.name, tool.parameters) for tool in setup.allowed]
     return StructuredOutputSpec("tool_calls", tool_call_value(mode, setup.parallel, tools))
+
+
+async def answer_constraint(
+    spec: StructuredOutputSpec | None, param: str, tools: ToolSetup, compiler: GrammarCompiler
+) -> StructuredOutputSpec | None:
+    """The grammar of the answer: the requested format (``spec``, set by ``param``) or the tool calls; compiled
+    (400 if it cannot be enforced) off the event loop."""
+    tool_spec = tool_call_spec(tools)
+    if spec is not None and tool_spec is not None:
+        raise invalid_request(f"{param} cannot be combined with tool calls; set tool_choice to 'none'", param=param)
+    if tool_spec is None:
+        await compile_or_400(compiler, spec, param)
+        return spec
+    for tool in tools.allowed:  # each on its own first, so that an error names the tool
+        parameters = StructuredOutputSpec("json_schema", json.dumps(tool.parameters))
+        await compile_or_400(compiler, parameters, tool.param)
+    await compile_or_400(compiler, tool_spec, "tools")
+    return tool_spec

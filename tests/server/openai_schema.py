@@ -1,4 +1,6 @@
-"""Validates our responses against OpenAI's published OpenAPI schemas (../shared/reference)."""
+"""Validates our responses against OpenAI's published OpenAPI schemas: chat and completions from the subset in
+../shared/reference, the Responses API from tests/fixtures/openai-responses-openapi-subset.json (written by
+scripts/openai_responses_schema_subset.py)."""
 import copy
 import json
 from functools import lru_cache
@@ -11,6 +13,8 @@ SPEC_CANDIDATES = [
     Path(__file__).resolve().parents[3] / "shared" / "reference" / "openai-openapi-subset.json",
     Path("/work/shared/reference/openai-openapi-subset.json"),
 ]
+
+RESPONSES_SPEC = Path(__file__).resolve().parents[1] / "fixtures" / "openai-responses-openapi-subset.json"
 
 
 def spec_path() -> Path:
@@ -57,6 +61,16 @@ def validator(schema_name: str) -> Draft202012Validator:
     schemas = copy.deepcopy(spec["components"]["schemas"])
     allow_null_first_echo_logprob(schemas)
     add_completion_stream_schema(schemas)
+    return schema_validator(schemas, schema_name)
+
+
+@lru_cache(maxsize=None)
+def responses_validator(schema_name: str) -> Draft202012Validator:
+    schemas = allow_nulls(json.loads(RESPONSES_SPEC.read_text()))["components"]["schemas"]
+    return schema_validator(schemas, schema_name)
+
+
+def schema_validator(schemas: dict[str, Any], schema_name: str) -> Draft202012Validator:
     if schema_name not in schemas:
         raise KeyError(f"{schema_name} is not in the schema subset")
     return Draft202012Validator({"components": {"schemas": schemas}, "$ref": f"#/components/schemas/{schema_name}"})
@@ -65,3 +79,8 @@ def validator(schema_name: str) -> Draft202012Validator:
 def validate(instance: Any, schema_name: str) -> None:
     """Raises jsonschema.ValidationError when ``instance`` does not match the named schema."""
     validator(schema_name).validate(instance)
+
+
+def validate_responses(instance: Any, schema_name: str) -> None:
+    """Like ``validate``, against the Responses API schemas."""
+    responses_validator(schema_name).validate(instance)

@@ -23,3 +23,25 @@ def stream(http: httpx.Client, path: str, body: dict, headers: dict[str, str] | 
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         return list(parse_events(response.iter_lines()))
+
+
+def parse_named_events(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
+    """``event: <name>`` / ``data: <json>`` pairs (the Responses API's framing), as (name, payload)."""
+    name = None
+    for line in lines:
+        if not line or line.startswith(":"):
+            continue
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+            continue
+        assert line.startswith("data: ") and name is not None, f"unexpected SSE line {line!r}"
+        yield name, json.loads(line.removeprefix("data: "))
+        name = None
+
+
+def stream_named(http: httpx.Client, path: str, body: dict) -> list[tuple[str, Any]]:
+    """All (name, payload) events of a streaming request with named events."""
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return list(parse_named_events(response.iter_lines()))
