@@ -28,6 +28,8 @@ def check_block_types(blocks: Any, allowed: tuple[str, ...]) -> Any:
             raise ValueError(UNSUPPORTED_BLOCKS[kind])
         if kind not in allowed:
             raise ValueError(f"content block type {kind!r} is not supported here; supported: {list(allowed)}")
+        if kind == "tool_result":
+            check_block_types(block.get("content"), ("text",))
     return blocks
 
 
@@ -52,11 +54,6 @@ class ToolResultBlock(Block):
     tool_use_id: str
     content: str | list[TextBlock] = ""
     is_error: bool = False
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def content_is_text(cls, content: Any) -> Any:
-        return check_block_types(content, ("text",))
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "\n".join(block.text for block in self.content)
