@@ -118,14 +118,14 @@ async def handle_http_exception(request: Request, error: StarletteHTTPException)
     else:
         message = str(error.detail)
     code = "not_found" if error.status_code == 404 else None
-    error = APIError(error.status_code, message, code=code, headers=dict(error.headers or {}))
-    return error.response(request.url.path, request_id_of(request))
+    api_error = APIError(error.status_code, message, code=code, headers=dict(error.headers or {}))
+    return api_error.response(request.url.path, request_id_of(request))
 
 
 async def handle_unexpected(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    error = APIError(500, "Internal server error; the request was not completed.")
-    return error.response(request.url.path, request_id_of(request))
+    api_error = APIError(500, "Internal server error; the request was not completed.")
+    return api_error.response(request.url.path, request_id_of(request))
 
 
 def install_error_handlers(app: FastAPI) -> None:
