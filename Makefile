@@ -16,8 +16,10 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml constraints-cpu.txt
 	$(PY) -m model.kernels.cpu.extension || echo "note: the CPU quantized kernels did not build (g++ missing?): GGUF files will be dequantized on the CPU"
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed tests/agents/package-lock.json
 	$(PIP) install --quiet -c constraints-cpu.txt -e '.[test]'
+	if command -v npm >/dev/null; then npm ci --prefix tests/agents --no-audit --no-fund; \
+	else echo "note: npm missing: the Claude Code test will be skipped"; fi
 	touch $@
 
 install: $(VENV)/.installed

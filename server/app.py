@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.anthropic.serving_messages import Messages
 from server.chat_page import add_chat_page, page_url
 from server.errors import APIError, install_error_handlers
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
@@ -51,6 +52,7 @@ def build_app(state: ServerState, on_load_failure: Callable[[], None]) -> FastAP
     completions = Completions(state)
     add_router_routes(app, state, chat, completions)
     responses = Responses(state)
+    messages = Messages(state, chat)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY,
@@ -75,6 +77,13 @@ def build_app(state: ServerState, on_load_failure: Callable[[], None]) -> FastAP
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> dict:
         return responses.store.delete(response_id)
+    @app.post("/v1/messages")
+    async def create_message(request: Request) -> Response:
+        return await messages.handle(request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(request: Request) -> JSONResponse:
+        return await messages.count_tokens(request)
 
     @app.get("/v1/models")
     async def list_models() -> dict:

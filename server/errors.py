@@ -1,4 +1,5 @@
-"""Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, for every failure path."""
+"""Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, for every failure path; on the
+Anthropic routes in Anthropic's shape (``server/anthropic/errors.py``)."""
 import logging
 
 from fastapi import FastAPI, Request
@@ -9,6 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.outputs import EngineDeadError, RequestRejected
 from scheduler.sampling_params import InvalidParameterError
+from server.anthropic import errors as anthropic_errors
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,10 @@ class APIError(Exception):
     def body(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
+    def response(self, path: str = "", request_id: str | None = None) -> JSONResponse:
+        """The error as the route at ``path`` answers errors."""
+        if anthropic_errors.is_anthropic_route(path):
+            return anthropic_errors.error_response(self.status, self.message, self.headers, request_id)
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
@@ -95,12 +100,16 @@ def from_engine_error(error: RequestRejected | InvalidParameterError | EngineDea
     return APIError(503, f"The engine has stopped: {error}", code="engine_dead")
 
 
+def request_id_of(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
 async def handle_api_error(request: Request, error: APIError) -> JSONResponse:
-    return error.response()
+    return error.response(request.url.path, request_id_of(request))
 
 
 async def handle_request_validation(request: Request, error: RequestValidationError) -> JSONResponse:
-    return from_validation_error(error).response()
+    return from_validation_error(error).response(request.url.path, request_id_of(request))
 
 
 async def handle_http_exception(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -109,12 +118,14 @@ async def handle_http_exception(request: Request, error: StarletteHTTPException)
     else:
         message = str(error.detail)
     code = "not_found" if error.status_code == 404 else None
-    return APIError(error.status_code, message, code=code, headers=dict(error.headers or {})).response()
+    api_error = APIError(error.status_code, message, code=code, headers=dict(error.headers or {}))
+    return api_error.response(request.url.path, request_id_of(request))
 
 
 async def handle_unexpected(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return APIError(500, "Internal server error; the request was not completed.").response()
+    api_error = APIError(500, "Internal server error; the request was not completed.")
+    return api_error.response(request.url.path, request_id_of(request))
 
 
 def install_error_handlers(app: FastAPI) -> None:

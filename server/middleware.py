@@ -51,34 +51,42 @@ def is_protected(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
 
+def request_id_of(scope: Scope) -> str | None:
+    return scope.get("state", {}).get("request_id")
+
+
 class APIKeyMiddleware:
-    """``Authorization: Bearer <key>`` on the API routes; probes and /metrics stay open."""
+    """``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (Anthropic's clients) on the API routes; probes and
+    /metrics stay open."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str]) -> None:
         self.app = app
         self.api_keys = [key.encode() for key in api_keys]
 
-    def authorized(self, authorization: str | None) -> bool:
-        if authorization is None:
-            return False
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        presented = token.strip().encode()
+    def presented_keys(self, headers: Headers) -> list[bytes]:
+        keys = []
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            keys.append(token.strip().encode())
+        if "x-api-key" in headers:
+            keys.append(headers["x-api-key"].strip().encode())
+        return keys
+
+    def authorized(self, presented_keys: list[bytes]) -> bool:
         # Compare against every key so that the time taken does not tell which key is close.
-        matches = [hmac.compare_digest(presented, key) for key in self.api_keys]
+        matches = [hmac.compare_digest(presented, key) for presented in presented_keys for key in self.api_keys]
         return any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and is_protected(scope["path"]):
-            if not self.authorized(Headers(scope=scope).get("authorization")):
+            if not self.authorized(self.presented_keys(Headers(scope=scope))):
                 error = APIError(
                     401,
-                    "Missing or invalid API key. Send it as 'Authorization: Bearer <key>'.",
+                    "Missing or invalid API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
                     code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-                await error.response()(scope, receive, send)
+                await error.response(scope["path"], request_id_of(scope))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -100,7 +108,7 @@ class BodyLimitMiddleware:
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await body_too_large(self.max_bytes).response()(scope, receive, send)
+            await body_too_large(self.max_bytes).response(scope["path"], request_id_of(scope))(scope, receive, send)
             return
         received = 0
 

@@ -4,7 +4,7 @@ import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Generic, TypeVar
 
 from fastapi import Request
@@ -97,7 +97,7 @@ class GenerationRoute(ABC, Generic[RequestT]):
             generation = await self.prepare(body, engine, record)
             if body.stream:
                 events = self.guard_stream(self.stream(body, engine, generation, ticket, record), record)
-                response = GenerationStream(events, on_close=lambda: self.finish(ticket, record), headers={})
+                response = self.stream_response(events, on_close=lambda: self.finish(ticket, record))
                 streaming = True
                 return response
             payload = await until_disconnected(request, self.collect(body, engine, generation, ticket, record))
@@ -119,19 +119,26 @@ class GenerationRoute(ABC, Generic[RequestT]):
             if not streaming:
                 self.finish(ticket, record)
 
+    def stream_response(self, events: AsyncIterator[bytes], on_close: Callable[[], None]) -> GenerationStream:
+        return GenerationStream(events, on_close=on_close, headers={})
+
+    def error_event(self, error: APIError) -> bytes:
+        """The last event of a stream that failed after it started: the error object, then [DONE]."""
+        return sse_event(error.body()) + DONE_EVENT
+
     async def guard_stream(self, events: AsyncIterator[bytes], record: RequestRecord) -> AsyncIterator[bytes]:
-        """Once the stream has started, errors travel as an SSE event with the error object, then [DONE]."""
+        """Once the stream has started, errors travel as an SSE event (``error_event``)."""
         try:
             async for event in events:
                 yield event
         except APIError as error:
             record.outcome = "error"
             self.state.metrics.record_rejected(error.code or error.type)
-            yield sse_event(error.body()) + DONE_EVENT
+            yield self.error_event(error)
         except Exception:
             logger.exception("%s failed while streaming", record.completion_id)
             record.outcome = "error"
-            yield sse_event(APIError(500, "Internal server error while streaming.").body()) + DONE_EVENT
+            yield self.error_event(APIError(500, "Internal server error while streaming."))
         except BaseException:  # cancelled or closed: the client went away
             record.outcome = "disconnected"
             raise

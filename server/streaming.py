@@ -4,7 +4,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
@@ -45,8 +45,12 @@ class ChunkEncoder:
 class GenerationStream(EventSourceResponse):
     """An SSE response that runs ``on_close`` however it ends (done, client gone, cancelled, never started)."""
 
-    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str]) -> None:
-        super().__init__(events, headers=headers, sep="\n", ping=PING_INTERVAL_S)
+    def __init__(
+        self, events: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str],
+        ping_message_factory: Callable[[], ServerSentEvent] | None = None,
+    ) -> None:
+        super().__init__(events, headers=headers, sep="\n", ping=PING_INTERVAL_S,
+                         ping_message_factory=ping_message_factory)
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
