@@ -26,7 +26,7 @@ class ResponsesRequest(OpenAIRequest):
     previous_response_id: str | None = None
     stream: bool = False
     background: bool = False
-    priority: int = 0  # lower is served earlier (vLLM's semantics); the scheduler reads it from the engine request
+    priority: int = 0  # lower is served earlier with --scheduling-policy priority (vLLM's semantics)
     # Accepted and ignored: dots.llm1 does not reason, and these only tune OpenAI's own service.
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None

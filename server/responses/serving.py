@@ -82,8 +82,9 @@ class Responses(GenerationRoute[ResponsesRequest]):
                                  {"max_tokens": "max_output_tokens", "prompt": "input"})
         record.prompt_tokens = len(prompt.token_ids)
         record.prompt_text = prompt.text
-        return ResponseGeneration(record.completion_id, [prompt], [params], record.arrival_time, tools=tools,
-                                  conversation=conversation, created_at=int(time.time()))
+        return ResponseGeneration(record.completion_id, [prompt], [params], record.arrival_time,
+                                  self.state.check_priority(body.priority), tools=tools, conversation=conversation,
+                                  created_at=int(time.time()))
 
     def response(self, body: ResponsesRequest, generation: ResponseGeneration, status: str, output: list[dict],
                  **details: object) -> dict:

@@ -65,6 +65,29 @@ def test_a_fcfs_server_refuses_a_priority_but_takes_the_default(http: httpx.Clie
     assert accepted.status_code == 200, accepted.text
 
 
+def test_every_generation_route_takes_a_priority(priority_server: ServerProcess):
+    url = priority_server.url
+    responses = httpx.post(f"{url}/v1/responses", json={"input": "Hello", "max_output_tokens": 2, "priority": -3},
+                           timeout=60)
+    assert responses.status_code == 200, responses.text
+    messages = httpx.post(f"{url}/v1/messages", timeout=60, json={
+        "model": "dots1-tiny", "max_tokens": 2, "priority": 7, "messages": [{"role": "user", "content": "Hello"}],
+    })
+    assert messages.status_code == 200, messages.text
+
+
+def test_a_fcfs_server_refuses_a_priority_in_each_route_s_error_shape(http: httpx.Client):
+    responses = http.post("/v1/responses", json={"input": "Hello", "max_output_tokens": 2, "priority": 1})
+    assert responses.status_code == 400 and responses.json()["error"]["param"] == "priority"
+    messages = http.post("/v1/messages", json={
+        "model": "dots1-tiny", "max_tokens": 2, "priority": 1, "messages": [{"role": "user", "content": "Hello"}],
+    })
+    assert messages.status_code == 400
+    body = messages.json()
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "--scheduling-policy priority" in body["error"]["message"]
+
+
 def test_a_priority_must_be_an_integer(http: httpx.Client):
     response = http.post("/v1/completions", json={"prompt": "In the", "max_tokens": 2, "priority": "high"})
     assert response.status_code == 400
