@@ -77,6 +77,7 @@ def build_app(state: ServerState, on_load_failure: Callable[[], None]) -> FastAP
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> dict:
         return responses.store.delete(response_id)
+
     @app.post("/v1/messages")
     async def create_message(request: Request) -> Response:
         return await messages.handle(request)

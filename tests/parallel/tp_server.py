@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from logged_process import LoggedProcess
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 180.0
@@ -36,7 +37,9 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-class TensorParallelServer:
+class TensorParallelServer(LoggedProcess):
+    stop_timeout_s = 60.0  # two processes, each with a model, to stop
+
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,22 +63,3 @@ class TensorParallelServer:
 
     def health_status(self) -> int:
         return httpx.get(f"{self.url}/health", timeout=5).status_code
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> "TensorParallelServer":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        self.log.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from logged_process import LoggedProcess
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 180.0
@@ -37,7 +38,7 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-class ServerProcess:
+class ServerProcess(LoggedProcess):
     """``own_process_group``: the server leads a process group of its own (as under systemd or docker), so that a
     signal to the group reaches its whole tree and nothing else. ``until_ready=False``: return once it answers
     /health (still loading the model)."""
@@ -71,9 +72,6 @@ class ServerProcess:
             raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log_text()}")
         return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.process.send_signal(signum)
 
@@ -83,19 +81,3 @@ class ServerProcess:
 
     def wait(self, timeout_s: float = 60.0) -> int:
         return self.process.wait(timeout=timeout_s)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        self.log.unlink(missing_ok=True)

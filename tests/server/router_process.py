@@ -6,6 +6,7 @@ from pathlib import Path
 
 import httpx
 from api_server import free_port, wait_for
+from logged_process import LoggedProcess
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_S = 120.0
@@ -16,7 +17,7 @@ VLLM_ROUTER = [str(BIN / "vllm-router"), *STARTUP_FLAGS]
 SGLANG_ROUTER = [str(BIN / "sglang-router"), "launch", *STARTUP_FLAGS]
 
 
-class RouterProcess:
+class RouterProcess(LoggedProcess):
     """``command``: VLLM_ROUTER or SGLANG_ROUTER; ready once it answers /v1/models through a worker."""
 
     def __init__(self, command: list[str], worker_urls: list[str], policy: str, *flags: str) -> None:
@@ -37,22 +38,3 @@ class RouterProcess:
         if self.process.poll() is not None:
             raise AssertionError(f"the router exited with {self.process.returncode}:\n{self.log_text()}")
         return httpx.get(f"{self.url}/v1/models", timeout=5).status_code == 200
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> "RouterProcess":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        self.log.unlink(missing_ok=True)

@@ -5,7 +5,6 @@ import os
 import re
 import signal
 import threading
-import time
 
 import httpx
 from api_server import ServerProcess, wait_for

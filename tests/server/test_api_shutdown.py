@@ -8,7 +8,6 @@ import time
 import httpx
 import pytest
 from api_server import ServerProcess, wait_for
-from conftest import MODEL
 from process_table import descendants, ignored_signals, is_running
 from sse_events import DONE
 from test_api_operations import StreamInBackground
