@@ -32,7 +32,7 @@ def binds(endpoint: str) -> bool:
 
 
 class KVEventPublisher:
-    def __init__(self, config: KVEventsConfig, block_size: int, context: zmq.Context | None = None) -> None:
+    def __init__(self, config: KVEventsConfig, block_size: int) -> None:
         self.block_size = block_size
         self.topic = config.topic.encode()
         self.num_published = 0  # batches handed over by the step loop
@@ -41,8 +41,8 @@ class KVEventPublisher:
         self._queue: queue.Queue[tuple[float, list[KVCacheEvent]] | None] = queue.Queue(config.max_queue_size)
         self._replay_buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
         self._closing = threading.Event()
-        context = context or zmq.Context.instance()
-        self._pub = context.socket(zmq.PUB)
+        self._context = zmq.Context()  # its own, so that closing it frees the addresses before close() returns
+        self._pub = self._context.socket(zmq.PUB)
         self._replay: zmq.Socket | None = None
         try:
             self._pub.set_hwm(config.hwm)
@@ -51,7 +51,7 @@ class KVEventPublisher:
             else:
                 self._pub.connect(config.endpoint)
             if config.replay_endpoint is not None:
-                self._replay = context.socket(zmq.ROUTER)
+                self._replay = self._context.socket(zmq.ROUTER)
                 self._replay.bind(config.replay_endpoint)
         except zmq.ZMQError as error:
             self._close_sockets(linger_ms=0)
@@ -126,3 +126,4 @@ class KVEventPublisher:
         self._pub.close(linger=linger_ms)
         if self._replay is not None:
             self._replay.close(linger=linger_ms)
+        self._context.term()
