@@ -53,7 +53,8 @@ def test_one_batch_in_vllms_array_layout_byte_for_byte() -> None:
 
 def test_config_takes_vllms_json_and_defaults_and_refuses_the_rest() -> None:
     config = kv_events_config_from('{"enable_kv_cache_events": true}')
-    assert (config.publisher, config.endpoint, config.replay_endpoint, config.topic) == ("zmq", "tcp://*:5557", None, "")
+    assert (config.publisher, config.endpoint, config.replay_endpoint) == ("zmq", "tcp://*:5557", None)
+    assert config.topic == ""
     assert (config.buffer_steps, config.hwm, config.max_queue_size) == (10_000, 100_000, 100_000)
     assert config.publishes
     assert not kv_events_config_from("{}").publishes  # disabled by default, publisher "null"
