@@ -156,3 +156,36 @@ def test_close_sends_what_is_queued_and_frees_the_endpoints(tmp_path) -> None:
             KVEventPublisher(config, block_size=4)
     finally:
         second.close()
+
+
+def test_an_engine_with_a_stalled_subscriber_sends_every_batch_without_waiting(context: zmq.Context, tmp_path) -> None:
+    """A subscriber with a one-message buffer that reads once and then never again: every step's batch is still
+    handed to the socket (the PUB drops what that subscriber cannot take), none is dropped, and close returns."""
+    from conftest import assert_pool_free, make_llm, random_prompts
+    from scheduler.sampling_params import SamplingParams
+
+    endpoint = f"ipc://{tmp_path}/kv-events"
+    config = KVEventsConfig(enable_kv_cache_events=True, endpoint=endpoint, hwm=1)
+    llm = make_llm(kv_cache_memory=1 << 20, kv_events_config=config)  # 16 blocks of 16 tokens: evictions
+    stalled = context.socket(zmq.SUB)
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.setsockopt(zmq.RCVTIMEO, 1000)
+    stalled.connect(endpoint)
+    try:
+        publisher = llm.engine.kv_events
+        for attempt in range(1000):  # until the subscription is in place
+            llm.generate(random_prompts(1, 40, 40, seed=attempt), SamplingParams(max_tokens=1))
+            try:
+                stalled.recv_multipart()
+                break
+            except zmq.Again:
+                pass
+        results = llm.generate(random_prompts(24, 20, 120, seed=1000), SamplingParams(max_tokens=8, ignore_eos=True))
+        assert all(result.error is None and len(result.outputs[0].token_ids) == 8 for result in results)
+        assert_pool_free(llm)
+    finally:
+        llm.shutdown()
+        stalled.close(linger=0)
+    assert publisher.num_published > 2 and publisher.num_dropped == 0  # one batch per step that cached or evicted
+    assert publisher.num_sent == publisher.num_published
