@@ -3,11 +3,17 @@
 A full block is identified by a hash chained over (parent block's hash, its token ids). Once computed it is
 registered in the cache; when nobody references it any more it stays reusable until evicted, least recently used
 first. Only full blocks are ever shared, so a block that is written to always has exactly one owner.
+
+With ``record_events`` the manager also notes what routers learn from vLLM-style KV-cache events: runs of newly
+cached blocks (with their parent hash and tokens) and evictions, taken by the engine core after each step.
 """
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+from scheduler.kv_events import BlockRemoved, BlockStored, KVCacheEvent
 from scheduler.sequence import Sequence
+
+ROOT_PARENT_HASH = 0  # the first block's parent; not None, whose hash varies between processes before Python 3.12
 
 
 @dataclass
@@ -20,11 +26,12 @@ class Block:
 
 def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     # Python's hash of a tuple of ints does not depend on PYTHONHASHSEED, so hashes are stable across runs.
-    return hash((parent_hash, token_ids))
+    return hash((ROOT_PARENT_HASH if parent_hash is None else parent_hash, token_ids))
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 record_events: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one token, got {num_blocks} blocks of {block_size}")
         self.num_blocks = num_blocks
@@ -34,6 +41,7 @@ class BlockManager:
         self._free_ids: deque[int] = deque(range(num_blocks))  # unreferenced, holding nothing reusable
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced cached blocks, least recent first
         self._cached: dict[int, int] = {}  # block hash -> block id
+        self._events: list[KVCacheEvent] | None = [] if record_events else None
 
     @property
     def num_free_blocks(self) -> int:
@@ -43,6 +51,13 @@ class BlockManager:
     @property
     def num_cached_blocks(self) -> int:
         return len(self._cached)
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """The events recorded since the last call, oldest first (none without ``record_events``)."""
+        if not self._events:
+            return []
+        events, self._events = self._events, []
+        return events
 
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
@@ -112,6 +127,8 @@ class BlockManager:
                 block.hash = block_hash
                 block.token_ids = self._block_tokens(seq, i)
                 self._cached[block_hash] = block.block_id
+                if self._events is not None:
+                    self._record_stored(seq, i)
 
     def free(self, seq: Sequence) -> None:
         """Drops ``seq``'s references. Released from the tail, so a prefix outlives its own continuations in the LRU."""
@@ -139,6 +156,8 @@ class BlockManager:
             block_id, _ = self._evictable.popitem(last=False)
             block = self.blocks[block_id]
             del self._cached[block.hash]
+            if self._events is not None:
+                self._record_removed(block.hash)
             block.hash = None
             block.token_ids = ()
         self.blocks[block_id].ref_count = 1
@@ -152,3 +171,21 @@ class BlockManager:
             index = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             seq.block_hashes.append(hash_block(parent, self._block_tokens(seq, index)))
+
+    def _record_stored(self, seq: Sequence, index: int) -> None:
+        """Extends the last BlockStored when this block continues its chain, else starts a new one."""
+        block_hash = seq.block_hashes[index]
+        parent = seq.block_hashes[index - 1] if index > 0 else None
+        last = self._events[-1] if self._events else None
+        if isinstance(last, BlockStored) and parent is not None and last.block_hashes[-1] == parent:
+            last.block_hashes.append(block_hash)
+            last.token_ids.append(self.blocks[seq.block_table[index]].token_ids)
+        else:
+            self._events.append(BlockStored([block_hash], parent, [self.blocks[seq.block_table[index]].token_ids]))
+
+    def _record_removed(self, block_hash: int) -> None:
+        last = self._events[-1] if self._events else None
+        if isinstance(last, BlockRemoved):
+            last.block_hashes.append(block_hash)
+        else:
+            self._events.append(BlockRemoved([block_hash]))

@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 from model.embedded import EMBEDDED_MODEL_DIR
+from scheduler.kv_events_config import KVEventsConfig
 
 
 @dataclass
@@ -28,3 +29,4 @@ class EngineConfig:
     moe_backend: str = "auto"  # routed experts: auto (triton on CUDA, else torch), torch or triton
     chat_template: str | None = None  # a file or a literal template overriding the checkpoint's
     seed: int = 0
+    kv_events_config: KVEventsConfig | None = None  # vLLM-style KV-cache events over ZeroMQ for prefix-aware routers

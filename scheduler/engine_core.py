@@ -18,6 +18,8 @@ from scheduler.core_messages import (
 from scheduler.device_check import check_device
 from scheduler.executor_factory import create_executor
 from scheduler.faults import InjectedFault, fires_at
+from scheduler.kv_event_publisher import KVEventPublisher
+from scheduler.kv_events import AllBlocksCleared
 from scheduler.outputs import EngineDeadError, RequestRejected
 from scheduler.request import Request
 from scheduler.request_check import check_request
@@ -48,7 +50,9 @@ class EngineCore:
         self.num_kv_blocks = self.executor.num_kv_blocks
         self.generation_defaults = load_generation_defaults(config.model)
         self.max_model_len = self._resolve_max_model_len(config)
-        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        publishes_kv_events = config.kv_events_config is not None and config.kv_events_config.publishes
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching,
+                                          record_events=publishes_kv_events)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.scheduling_policy)
         self.device = self.executor.device
@@ -78,6 +82,7 @@ class EngineCore:
         # a rate over the first requests sees them as an increase.
         self._last_expert_flush = time.monotonic()
         self._expert_counts = self._take_expert_counts()
+        self.kv_events = self._start_kv_events(config) if publishes_kv_events else None  # last: it binds sockets
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Admits a request; one that fails the check ends at once with an error output (the front end checked it)."""
@@ -125,6 +130,8 @@ class EngineCore:
         step = None
         if sched.scheduled or sched.preempted:
             step = self._step_stats(sched, num_decode_tokens, time.monotonic() - started)
+        if self.kv_events is not None:
+            self.kv_events.publish(self.block_manager.take_events())
         return self._collect(outputs, step)
 
     def shutdown(self) -> None:
@@ -135,6 +142,8 @@ class EngineCore:
         """Releases the model and the mask worker (after the last step)."""
         self.structured_output.shutdown()
         self.executor.shutdown()
+        if self.kv_events is not None:
+            self.kv_events.close()
 
     def _run(self, sched: SchedulerOutput) -> list[CoreRequestOutput]:
         plan = plan_step(sched.scheduled, self.block_manager.block_size)
@@ -360,6 +369,14 @@ class EngineCore:
             return None
         layer_ids, tensor = counts
         return layer_ids, tensor.tolist()
+
+    def _start_kv_events(self, config: EngineConfig) -> KVEventPublisher:
+        """The publisher, after a first AllBlocksCleared: whatever an indexer kept of this replica is stale."""
+        if not config.enable_prefix_caching:
+            logger.warning("KV cache events are enabled without prefix caching: no block is ever stored")
+        publisher = KVEventPublisher(config.kv_events_config, config.block_size)
+        publisher.publish([AllBlocksCleared()])
+        return publisher
 
     def _choice_generator(self, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:

@@ -14,6 +14,7 @@ import yaml
 from model.embedded import EMBEDDED_MODEL_DIR
 from scheduler.config import EngineConfig
 from scheduler.waiting_queue import SCHEDULING_POLICIES
+from scheduler.kv_events_config import KVEventsConfig, kv_events_config_from
 from server.chat_template import load_chat_template
 from server.config import ServerConfig
 
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="routed experts: triton (fused MoE kernels, no host syncs) or torch (the reference); "
                         "auto: triton on CUDA (torch if its start-up self-check fails), torch elsewhere; triton: "
                         "refuse to start if the self-check fails")
+    engine.add_argument("--kv-events-config", type=kv_events_flag, help="KV-cache events for prefix-aware routers "
+                        "(llm-d), as vLLM's JSON, e.g. '{\"enable_kv_cache_events\": true, \"endpoint\": "
+                        "\"tcp://*:5557\", \"topic\": \"kv@POD_IP@MODEL\"}'; fields: enable_kv_cache_events, "
+                        "publisher (zmq), endpoint, replay_endpoint, topic, buffer_steps, hwm, max_queue_size")
     http = parser.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     http.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -141,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def kv_events_flag(text: str) -> KVEventsConfig:
+    try:
+        return kv_events_config_from(text)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def read_preset(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     try:
         preset = yaml.safe_load(path.read_text()) or {}
@@ -163,6 +175,11 @@ def read_preset(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     for key in ("kv_cache_memory", "max_request_body_bytes"):
         if preset.get(key) is not None:
             preset[key] = byte_size(preset[key])
+    if preset.get("kv_events_config") is not None:
+        try:
+            preset["kv_events_config"] = kv_events_config_from(preset["kv_events_config"])
+        except (TypeError, ValueError) as error:
+            parser.error(f"--config {path}: kv_events_config: {error}")
     return preset
 
 

@@ -68,3 +68,25 @@ def test_byte_sizes() -> None:
     assert byte_size("2GB") == 2 * 1000**3
     with pytest.raises(argparse.ArgumentTypeError):
         byte_size("lots")
+
+
+def test_kv_events_config_takes_vllms_json_from_the_flag_or_a_preset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert engine_config(parse_args([])).kv_events_config is None
+    flag = '{"enable_kv_cache_events": true, "endpoint": "tcp://*:6000", "topic": "kv@pod@dots1-tiny"}'
+    events = engine_config(parse_args(["--kv-events-config", flag])).kv_events_config
+    assert (events.publishes, events.endpoint, events.topic, events.hwm) == (True, "tcp://*:6000", "kv@pod@dots1-tiny",
+                                                                             100_000)
+    preset = tmp_path / "events.yaml"
+    preset.write_text("kv_events_config:\n  enable_kv_cache_events: true\n  replay_endpoint: tcp://*:6001\n")
+    assert engine_config(parse_args(["--config", str(preset)])).kv_events_config.replay_endpoint == "tcp://*:6001"
+    for bad, message in [('{"enable_kv_cache_events": tru', "not JSON"), ('{"hwm": -1}', "hwm"),
+                         ('{"port": 5557}', "unknown fields")]:
+        with pytest.raises(SystemExit):
+            parse_args(["--kv-events-config", bad])
+        assert message in capsys.readouterr().err
+    preset.write_text("kv_events_config:\n  buffer_steps: 0\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(preset)])
+    assert "kv_events_config: buffer_steps" in capsys.readouterr().err
