@@ -13,8 +13,8 @@ import yaml
 
 from model.embedded import EMBEDDED_MODEL_DIR
 from scheduler.config import EngineConfig
-from scheduler.waiting_queue import SCHEDULING_POLICIES
 from scheduler.kv_events_config import KVEventsConfig, kv_events_config_from
+from scheduler.waiting_queue import SCHEDULING_POLICIES
 from server.chat_template import load_chat_template
 from server.config import ServerConfig
 
