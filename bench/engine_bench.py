@@ -36,7 +36,8 @@ from scheduler.stats import RequestStats, StepStats  # noqa: E402
 from mid_size import MID_SIZE  # noqa: E402
 
 PROMPT_TOKEN_LIMIT = 4089  # prompt ids are ordinary tokens of the embedded tokenizer
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+# The embedded model's tokenizer and its stop ids (a checkpoint without EOS ids is refused at load).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

@@ -13,6 +13,7 @@ import gc
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -23,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+if "--dry-run" in sys.argv and not torch.cuda.is_available():
+    # Triton picks its driver when first imported: without a GPU, its interpreter runs the kernels' code paths.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_parity import parity  # noqa: E402
