@@ -2,14 +2,13 @@
 dashboard query run through Prometheus' HTTP API."""
 import json
 import math
-import subprocess
 import time
 from dataclasses import dataclass
 
 import httpx
 import pytest
 from live_processes import RATE_INTERVAL, PrometheusAPI, running_prometheus, running_server
-from observability_files import load_dashboard, query_panels, require_tool, substitute_variables
+from observability_files import load_dashboard, promtool_complaints, query_panels, substitute_variables
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.embedded import EMBEDDED_MODEL_DIR
@@ -190,9 +189,7 @@ def test_expert_counts_cover_every_token_of_every_moe_layer(stack):
 
 def test_live_metrics_pass_promtool_check_metrics(stack):
     body = httpx.get(f"{stack['server']}/metrics", timeout=30).content
-    result = subprocess.run([require_tool("promtool"), "check", "metrics"], input=body, capture_output=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert promtool_complaints(body) == []
 
 
 def test_info_metric_describes_the_server(stack):

@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 import torch
-from observability_files import INFO, populated_metrics, require_tool
+from observability_files import INFO, populated_metrics, promtool_complaints, require_tool
 
 from scheduler.stats import RequestStats, StepStats
 from server.metrics import ServerMetrics
@@ -202,14 +202,8 @@ def test_rendered_metrics_pass_promtool_check_metrics():
 
     assert content_type.startswith("text/plain; version=0.0.4")
     assert b"_created" not in body
-    result = subprocess.run(
-        [require_tool("promtool"), "check", "metrics"], input=body, capture_output=True, timeout=60
-    )
-    # The only lint allowed: vLLM's names, which routers read, use the colon Prometheus reserves for recording rules.
-    complaints = (result.stdout.decode() + result.stderr.decode()).splitlines()
-    assert complaints, "promtool saw the vllm:* aliases"
-    for line in complaints:
-        assert line.startswith("vllm:") and line.endswith("metric names should not contain ':'"), line
+    assert b"vllm:num_requests_waiting" in body  # the aliases are there, and are the only lint allowed
+    assert promtool_complaints(body) == []
 
 
 def test_promtool_check_metrics_rejects_a_malformed_exposition():
