@@ -5,9 +5,11 @@ import msgpack
 import pytest
 import zmq
 
+from conftest import assert_pool_free, make_llm, random_prompts  # at import: the scheduler tests' conftest
 from scheduler.kv_event_publisher import KVEventPublisher
 from scheduler.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, encode_batch
 from scheduler.kv_events_config import KVEventsConfig, kv_events_config_from
+from scheduler.sampling_params import SamplingParams
 
 RECEIVE_TIMEOUT_MS = 10_000
 
@@ -161,8 +163,6 @@ def test_close_sends_what_is_queued_and_frees_the_endpoints(tmp_path) -> None:
 def test_an_engine_with_a_stalled_subscriber_sends_every_batch_without_waiting(context: zmq.Context, tmp_path) -> None:
     """A subscriber with a one-message buffer that reads once and then never again: every step's batch is still
     handed to the socket (the PUB drops what that subscriber cannot take), none is dropped, and close returns."""
-    from conftest import assert_pool_free, make_llm, random_prompts
-    from scheduler.sampling_params import SamplingParams
 
     endpoint = f"ipc://{tmp_path}/kv-events"
     config = KVEventsConfig(enable_kv_cache_events=True, endpoint=endpoint, hwm=1)

@@ -102,9 +102,13 @@ def test_a_failed_output_thread_in_the_engine_kills_the_engine() -> None:
 
 
 def test_a_device_that_fails_for_good_kills_the_engine() -> None:
-    env = {"DOTS_SERVE_FAULT_STEP_AT": "10", "DOTS_SERVE_FAULT_DEVICE_BROKEN": "1"}
+    # Late enough that both streams have started, however slowly this machine sends the second request.
+    env = {"DOTS_SERVE_FAULT_STEP_AT": "60", "DOTS_SERVE_FAULT_DEVICE_BROKEN": "1"}
     with ServerProcess(env=env) as server:
-        streams = [Stream(server.url, max_tokens=1900) for _ in range(2)]
+        streams = []
+        for _ in range(2):
+            streams.append(Stream(server.url, max_tokens=1900))
+            assert streams[-1].started.wait(60)
         assert_engine_died(server, streams, "fails after a failed step")
 
 
