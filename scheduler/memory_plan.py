@@ -3,7 +3,13 @@ card's total memory, and the KV cache gets what that share leaves after everythi
 peak. Pure arithmetic, so it is checked without a GPU; ``memory_profile`` measures the terms on a card."""
 from dataclasses import dataclass
 
+import torch
+
+from model.config import ModelConfig
+from scheduler.cuda_graph_runner import capture_sizes
+
 GIB = 2**30
+GRAPH_POOL_SLACK_BYTES = 256 << 20
 # The sampler's per-slot vectors (temperature, top-k, top-p, min-p, three penalties, seed, min_tokens, lengths and
 # flags), each at most 8 bytes: a generous count, so that a new vector does not silently outgrow the plan.
 SAMPLING_SLOT_VECTORS = 16
@@ -19,6 +25,15 @@ def sampling_state_bytes(max_num_seqs: int, vocab_size: int) -> int:
     counts = max_num_seqs * vocab_size * 4
     prompt_seen = max_num_seqs * vocab_size * 1
     return counts + prompt_seen + max_num_seqs * SAMPLING_SLOT_VECTORS * 8
+
+
+def graph_memory_estimate(model: ModelConfig, max_num_seqs: int, dtype: torch.dtype) -> int:
+    """Bytes set aside for the decode graphs: the static logits and the pool's activations of the largest graph (a
+    generous per-token figure; the real one is logged after capture)."""
+    max_batch = capture_sizes(max_num_seqs)[-1]
+    per_token = (3 * model.vocab_size * 4 + 32 * model.hidden_size * dtype.itemsize
+                 + 4 * model.num_experts_per_tok * model.moe_intermediate_size * dtype.itemsize)
+    return max_batch * per_token + GRAPH_POOL_SLACK_BYTES
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,14 @@ from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block, resolve_
 from model.loader import load_model, weight_breakdown, weight_summary
 from model.parallel import ParallelState
 from scheduler.config import EngineConfig
-from scheduler.cuda_graph_runner import DecodeGraphRunner, StepGraph, capture_sizes, cuda_graph_factory
-from scheduler.memory_plan import MemoryPlan, check_utilization, sampling_state_bytes
+from scheduler.cuda_graph_runner import DecodeGraphRunner, StepGraph, cuda_graph_factory
+from scheduler.memory_plan import MemoryPlan, check_utilization, graph_memory_estimate, sampling_state_bytes
 from scheduler.memory_profile import CudaMemory, DeviceMemory, ProfileShape, profile_memory
 from scheduler.step_inputs import BatchCapacity, StepInputs
 
 logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where free memory says little about what is safe to take
-GRAPH_POOL_SLACK_BYTES = 256 << 20
 
 
 def _same_on_every_rank(value: int) -> int:
@@ -65,7 +64,9 @@ class ModelExecutor:
             logger.info("weight bytes by type: %s", ", ".join(f"{name} {size / 2**20:.1f} MiB"
                                                              for name, size in breakdown.items()))
         make_graph = make_graph or self._cuda_graphs(config)
-        graph_reserve = self._graph_memory_estimate(config) if make_graph is not None else 0
+        graph_reserve = 0
+        if make_graph is not None:
+            graph_reserve = graph_memory_estimate(self.model_config, config.max_num_seqs, self.dtype)
         bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, self.kv_cache_dtype,
                                                    self.parallel)
         # A decode graph pads its batch with rows that write and read one reserved block nobody else owns.
@@ -155,15 +156,6 @@ class ModelExecutor:
                         "its forward cannot be captured in a CUDA graph")
             return None
         return cuda_graph_factory()
-
-    def _graph_memory_estimate(self, config: EngineConfig) -> int:
-        """Bytes set aside from the KV budget for the graphs: the static logits and the pool's activations of
-        the largest graph (a generous per-token figure; the real one is logged after capture)."""
-        model = self.model_config
-        max_batch = capture_sizes(config.max_num_seqs)[-1]
-        per_token = (3 * model.vocab_size * 4 + 32 * model.hidden_size * self.dtype.itemsize
-                     + 4 * model.num_experts_per_tok * model.moe_intermediate_size * self.dtype.itemsize)
-        return max_batch * per_token + GRAPH_POOL_SLACK_BYTES
 
     def _capture_graphs(self, config: EngineConfig, make_graph: Callable[[], StepGraph], reserve: int,
                         agree: Callable[[int], int]) -> DecodeGraphRunner | None:
