@@ -76,7 +76,7 @@ class ProfileShape:
 class MemoryProfile:
     total_bytes: int
     weight_bytes: int  # allocated before the run: the weights and the model's buffers
-    activation_peak_bytes: int  # the run's peak above what it started with (the weights and its small KV cache)
+    activation_peak_bytes: int  # the run's peak above what it started with (the weights and the step's KV cache)
     non_torch_bytes: int  # used on the card but not reserved by PyTorch's allocator, after the run
 
 
