@@ -216,3 +216,19 @@ def test_kv_cache_memory_overrides_the_plan_and_a_cpu_keeps_its_default(model_di
     assert fixed.num_kv_blocks == 4 * MIB // bytes_per_block
     cpu = ModelExecutor(engine_config(model_dir, gpu_memory_utilization=0.01))
     assert cpu.memory_plan is None and cpu.num_kv_blocks == CPU_KV_CACHE_BYTES // bytes_per_block
+
+
+def test_every_rank_takes_the_smallest_plans_block_count(model_dir):
+    card = FakeCard(total=2 * GIB, weights=100 * MIB, peak=200 * MIB, outside=300 * MIB)
+    agreed: list[int] = []
+
+    def smallest_of_two_ranks(blocks: int) -> int:  # the other rank's plan leaves room for 5 blocks
+        agreed.append(blocks)
+        return min(blocks, 5)
+
+    executor = ModelExecutor(engine_config(model_dir), device_memory=card, agree=smallest_of_two_ranks)
+    bytes_per_block = kv_cache_bytes_per_block(executor.model_config, 4, torch.float32, executor.parallel)
+    assert agreed[0] == executor.memory_plan.kv_cache_bytes // bytes_per_block > 5
+    assert executor.num_kv_blocks == 5 and executor.kv_caches[0][0].shape[0] == 5
+    with pytest.raises(ValueError, match="holds no block"):
+        ModelExecutor(engine_config(model_dir), device_memory=card, agree=lambda blocks: 0)
