@@ -292,6 +292,10 @@ def kv_capacity(table: Table, model_dir: Path, device: str, dtype: str, layers: 
                                   enforce_eager=True,
                                   **budget, **options, **backend_options(device))
         tokens[name] = executor.num_kv_blocks * executor.block_size
+        plan = getattr(executor, "memory_plan", None)
+        if name == "auto" and plan is not None:
+            table.add(f"memory plan ({layers} layers, 256 sequences)",
+                      plan.describe().removeprefix("memory plan: "))
         executor.shutdown()
         del executor
         gc.collect()

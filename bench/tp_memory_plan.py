@@ -1,32 +1,30 @@
-"""One rank of a tensor-parallel preset on one GPU: the real shapes with random weights, the preset's KV cache, and
-the largest steps the preset allows; prints weights, KV cache and peak memory against the card's.
+"""One rank of a tensor-parallel preset on one GPU: the real shapes with random weights, sized by the engine's own
+memory plan (the profiling step, then the KV cache from --gpu-memory-utilization of the card), its decode graphs, and
+the largest steps the preset allows; prints the plan and each step's peak against the plan's budget.
 
     python bench/tp_memory_plan.py --config configs/dots.llm1.inst-8xH100.yaml
 
 The other ranks are stood in for (collectives return tensors of the shape the full group would), so this checks
-memory and step shapes, not numbers; the preset's memory comment should hold with the peak measured here.
+memory and step shapes, not numbers; the preset's memory comment should hold with the plan and peaks printed here.
 """
 import argparse
+import logging
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.config import ModelConfig  # noqa: E402
-from model.device import resolve_dtype  # noqa: E402
 from model.forward_batch import ForwardBatch  # noqa: E402
-from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block  # noqa: E402
-from model.loader import load_model  # noqa: E402
 from model.parallel import ParallelState  # noqa: E402
-from server.cli import byte_size  # noqa: E402
+from scheduler.memory_plan import GIB  # noqa: E402
+from scheduler.model_runner import ModelExecutor  # noqa: E402
+from server.cli import engine_config, parse_args  # noqa: E402
 
 REAL_ARCHITECTURE = Path(__file__).resolve().parents[1] / "configs" / "dots.llm1.inst"
-GIB = 2**30
 
 
 class StandInGroup(ParallelState):
@@ -45,63 +43,61 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REAL_ARCHITECTURE, help="directory with the config.json")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    preset = yaml.safe_load(args.config.read_text())
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = engine_config(parse_args(["--config", str(args.config), "--model", str(args.model),
+                                       "--load-format", "dummy", "--device", args.device]))
     device = torch.device(args.device)
-    dtype = resolve_dtype(preset.get("dtype", "auto"), device)
-    world_size = preset["tensor_parallel_size"]
-    block_size = preset.get("block_size", 16)
-    config = ModelConfig.from_pretrained(args.model)
-    max_model_len = preset.get("max_model_len") or config.max_position_embeddings
-    parallel = StandInGroup(rank=0, world_size=world_size, expert_parallel=preset.get("enable_expert_parallel", False))
+    parallel = StandInGroup(rank=0, world_size=config.tensor_parallel_size,
+                            expert_parallel=config.enable_expert_parallel)
 
     start = time.perf_counter()
-    model = load_model(args.model, dtype=dtype, device=device, load_format="dummy", parallel=parallel,
-                       quantization=preset.get("quantization"))
-    weights = allocated(device)
-    bytes_per_block = kv_cache_bytes_per_block(config, block_size, dtype, parallel)
-    num_blocks = byte_size(preset["kv_cache_memory"]) // bytes_per_block
-    kv_caches = allocate_kv_cache(config, num_blocks, block_size, dtype, device, parallel)
-    baseline = allocated(device)
-    print(f"{args.config.name}: rank 0 of {world_size} on {describe(device)}, loaded in "
+    executor = ModelExecutor(config, parallel=parallel)
+    plan = executor.memory_plan
+    print(f"{args.config.name}: rank 0 of {parallel.world_size} on {describe(device)}, ready in "
           f"{time.perf_counter() - start:.0f}s")
+    print(plan.describe() if plan is not None else f"no memory plan on {device.type}: the KV cache is fixed")
+    baseline = allocated(device)
+    block_size = executor.block_size
+    print(f"KV cache {executor.num_kv_blocks} blocks = {executor.num_kv_blocks * block_size} tokens; "
+          f"{baseline / GIB:.2f} GiB allocated with it and the decode graphs")
 
     rows = []
+    max_model_len = executor.max_model_len
     long_seq_blocks = list(range(math.ceil(max_model_len / block_size)))
-    chunk = preset.get("max_num_batched_tokens", 8192)
-    prompt = torch.randint(0, config.vocab_size, (max_model_len - 1,)).tolist()
-    for first in range(0, len(prompt), chunk):
-        tokens = prompt[first:first + chunk]
+    prompt = torch.randint(0, executor.model_config.vocab_size, (max_model_len - 1,)).tolist()
+    for first in range(0, len(prompt), config.max_num_batched_tokens):
+        tokens = prompt[first:first + config.max_num_batched_tokens]
         batch = ForwardBatch.build([tokens], [first], [long_seq_blocks], block_size)
-        rows.append((f"prefill {len(tokens)} tokens after {first}", *measure(model, batch, kv_caches, device,
-                                                                                 baseline)))
-    num_seqs = preset.get("max_num_seqs", 256)
-    spare = iter(range(len(long_seq_blocks), num_blocks))
+        rows.append((f"prefill {len(tokens)} tokens after {first}", *measure(executor, batch, device)))
+    num_seqs = config.max_num_seqs
+    spare = iter(range(len(long_seq_blocks), executor.num_kv_blocks))
     short_tables = [[next(spare)] for _ in range(num_seqs - 1)]
     batch = ForwardBatch.build([[1]] * num_seqs, [max_model_len - 1] + [1] * (num_seqs - 1),
                                [long_seq_blocks] + short_tables, block_size)
-    rows.append((f"decode {num_seqs} seqs, one at {max_model_len}", *measure(model, batch, kv_caches, device,
-                                                                            baseline)))
+    graphs = "graph" if executor.cuda_graphs else "eager"
+    rows.append((f"decode {num_seqs} seqs ({graphs}), one at {max_model_len}", *measure(executor, batch, device)))
 
-    total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else 0
-    print(f"weights {weights / GIB:.2f} GiB, KV cache {(baseline - weights) / GIB:.2f} GiB "
-          f"({num_blocks} blocks = {num_blocks * block_size} tokens), card {total / GIB:.2f} GiB")
-    print(f"{'step':<36} {'time s':>8} {'activation peak GiB':>20} {'total peak GiB':>15}")
+    budget = plan.budget_bytes - plan.non_torch_bytes if plan is not None else 0
+    print(f"{'step':<44} {'time s':>8} {'activation peak GiB':>20} {'total peak GiB':>15} {'within plan':>12}")
     for name, seconds, peak in rows:
-        print(f"{name:<36} {seconds:>8.2f} {(peak - baseline) / GIB:>20.2f} {peak / GIB:>15.2f}")
+        within = "yes" if plan is None or peak <= budget else "NO"
+        print(f"{name:<44} {seconds:>8.2f} {(peak - baseline) / GIB:>20.2f} {peak / GIB:>15.2f} {within:>12}")
     if device.type == "cuda":
-        outside = total - torch.cuda.mem_get_info(device)[0] - torch.cuda.memory_reserved(device)
-        print(f"outside PyTorch's allocator (CUDA context, kernels): {outside / GIB:.2f} GiB")
+        total, free = torch.cuda.mem_get_info(device)[1], torch.cuda.mem_get_info(device)[0]
+        outside = total - free - torch.cuda.memory_reserved(device)
+        print(f"outside PyTorch's allocator now (CUDA context, NCCL, kernels): {outside / GIB:.2f} GiB; "
+              f"card {total / GIB:.2f} GiB")
 
 
-def measure(model, batch: ForwardBatch, kv_caches, device: torch.device, baseline: int) -> tuple[float, int]:
+def measure(executor: ModelExecutor, batch: ForwardBatch, device: torch.device) -> tuple[float, int]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    model(batch.to(device), kv_caches)
+    executor.execute(batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return time.perf_counter() - start, torch.cuda.max_memory_allocated(device)
-    return time.perf_counter() - start, baseline
+    return time.perf_counter() - start, 0
 
 
 def allocated(device: torch.device) -> int:

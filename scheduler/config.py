@@ -18,7 +18,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # fcfs (arrival order) or priority (a request's priority, then arrival)
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the KV cache; None: gpu_memory_utilization on CUDA, 1 GiB on CPU
-    gpu_memory_utilization: float = 0.9  # fraction of free GPU memory for KV cache after loading weights
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU's total memory this engine may use (vLLM's meaning)
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False

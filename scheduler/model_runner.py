@@ -17,13 +17,14 @@ from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block, resolve_
 from model.loader import load_model, weight_breakdown, weight_summary
 from model.parallel import ParallelState
 from scheduler.config import EngineConfig
-from scheduler.cuda_graph_runner import DecodeGraphRunner, StepGraph, capture_sizes, cuda_graph_factory
+from scheduler.cuda_graph_runner import DecodeGraphRunner, StepGraph, cuda_graph_factory
+from scheduler.memory_plan import MemoryPlan, check_utilization, graph_memory_estimate, sampling_state_bytes
+from scheduler.memory_profile import CudaMemory, DeviceMemory, ProfileShape, profile_memory
 from scheduler.step_inputs import BatchCapacity, StepInputs
 
 logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where free memory says little about what is safe to take
-GRAPH_POOL_SLACK_BYTES = 256 << 20
 
 
 def _same_on_every_rank(value: int) -> int:
@@ -34,10 +35,12 @@ class ModelExecutor:
     def __init__(self, config: EngineConfig, parallel: ParallelState | None = None,
                  device: torch.device | None = None, expert_metrics: bool | None = None,
                  agree: Callable[[int], int] = _same_on_every_rank,
-                 make_graph: Callable[[], StepGraph] | None = None) -> None:
+                 make_graph: Callable[[], StepGraph] | None = None,
+                 device_memory: DeviceMemory | None = None) -> None:
         """``make_graph`` overrides how decode graphs are made (tests pass ``EagerStepGraph`` to drive the graph
         path on a CPU); by default they are CUDA graphs, used on CUDA unless ``enforce_eager``, and only when the
-        model's forward is free of host syncs."""
+        model's forward is free of host syncs. ``device_memory`` is what the memory plan reads (tests inject one to
+        drive the plan on a CPU); by default the card's on CUDA, and none on a CPU, where the KV cache gets 1 GiB."""
         self.parallel = parallel or ParallelState()
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -61,14 +64,21 @@ class ModelExecutor:
             logger.info("weight bytes by type: %s", ", ".join(f"{name} {size / 2**20:.1f} MiB"
                                                              for name, size in breakdown.items()))
         make_graph = make_graph or self._cuda_graphs(config)
-        graph_reserve = self._graph_memory_estimate(config) if make_graph is not None else 0
+        graph_reserve = 0
+        if make_graph is not None:
+            graph_reserve = graph_memory_estimate(self.model_config, config.max_num_seqs, self.dtype)
         bytes_per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, self.kv_cache_dtype,
                                                    self.parallel)
         # A decode graph pads its batch with rows that write and read one reserved block nobody else owns.
         reserved_blocks = 1 if make_graph is not None else 0
-        budget = self._kv_cache_budget(config, graph_reserve)
+        if device_memory is None and self.device.type == "cuda":
+            device_memory = CudaMemory(self.device)
+        self.memory_plan = self._plan_memory(config, graph_reserve, device_memory)
+        budget = self.memory_plan.kv_cache_bytes if self.memory_plan is not None else self._fixed_budget(config)
         self.num_kv_blocks = agree(max(0, budget // bytes_per_block - reserved_blocks))
         if self.num_kv_blocks < 1:
+            if self.memory_plan is not None:
+                self.memory_plan.check()
             raise ValueError(
                 f"the KV cache budget of {budget} bytes holds no block of {config.block_size} tokens "
                 f"({bytes_per_block} bytes each on every rank); raise --kv-cache-memory or --gpu-memory-utilization"
@@ -147,15 +157,6 @@ class ModelExecutor:
             return None
         return cuda_graph_factory()
 
-    def _graph_memory_estimate(self, config: EngineConfig) -> int:
-        """Bytes set aside from the KV budget for the graphs: the static logits and the pool's activations of
-        the largest graph (a generous per-token figure; the real one is logged after capture)."""
-        model = self.model_config
-        max_batch = capture_sizes(config.max_num_seqs)[-1]
-        per_token = (3 * model.vocab_size * 4 + 32 * model.hidden_size * self.dtype.itemsize
-                     + 4 * model.num_experts_per_tok * model.moe_intermediate_size * self.dtype.itemsize)
-        return max_batch * per_token + GRAPH_POOL_SLACK_BYTES
-
     def _capture_graphs(self, config: EngineConfig, make_graph: Callable[[], StepGraph], reserve: int,
                         agree: Callable[[int], int]) -> DecodeGraphRunner | None:
         runner = DecodeGraphRunner(
@@ -187,12 +188,29 @@ class ModelExecutor:
                                "memory runs short", (runner.capture_bytes - reserve) / 2**20)
         return runner
 
-    def _kv_cache_budget(self, config: EngineConfig, graph_reserve: int) -> int:
-        """--kv-cache-memory bytes (per rank), or the fraction of free GPU memory less what the decode graphs
-        will take (so --gpu-memory-utilization bounds both), or 1 GiB on a CPU."""
-        if config.kv_cache_memory is not None:
-            return config.kv_cache_memory
-        if self.device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(self.device)
-            return int(free_bytes * config.gpu_memory_utilization) - graph_reserve
-        return CPU_KV_CACHE_BYTES
+    def _fixed_budget(self, config: EngineConfig) -> int:
+        return config.kv_cache_memory if config.kv_cache_memory is not None else CPU_KV_CACHE_BYTES
+
+    def _plan_memory(self, config: EngineConfig, graph_reserve: int,
+                     device_memory: DeviceMemory | None) -> MemoryPlan | None:
+        """The KV cache's share of --gpu-memory-utilization x the card's total memory, after a profiling step has
+        measured the peak activations; None when --kv-cache-memory fixes the budget or there is no card to read."""
+        if config.kv_cache_memory is not None or device_memory is None:
+            return None
+        check_utilization(config.gpu_memory_utilization)
+        shape = ProfileShape(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
+                             config.block_size, self.model_config.vocab_size)
+        profile = profile_memory(self.model, self._allocate_profile_cache, shape, self.device, device_memory)
+        self.model.take_expert_counts()  # the profiling step's routing is no traffic
+        plan = MemoryPlan(
+            total_bytes=profile.total_bytes, utilization=config.gpu_memory_utilization,
+            weight_bytes=profile.weight_bytes, activation_peak_bytes=profile.activation_peak_bytes,
+            non_torch_bytes=profile.non_torch_bytes, graph_bytes=graph_reserve,
+            sampling_state_bytes=sampling_state_bytes(config.max_num_seqs, self.model_config.vocab_size),
+        )
+        logger.info("rank %d: %s", self.parallel.rank, plan.describe())
+        return plan
+
+    def _allocate_profile_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return allocate_kv_cache(self.model_config, num_blocks, self.block_size, self.kv_cache_dtype, self.device,
+                                 self.parallel)

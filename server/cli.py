@@ -44,6 +44,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def unit_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"not a fraction above 0 and at most 1: {text!r}")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the ones that are None (their help says what happens then)."""
 
@@ -86,10 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--scheduling-policy", default="fcfs", choices=list(SCHEDULING_POLICIES),
                         help="fcfs: requests wait in arrival order; priority: by their 'priority' field (lower "
                         "first, ties by arrival), and a preemption takes the lowest priority running request")
-    engine.add_argument("--kv-cache-memory", type=byte_size, help="bytes for the KV cache (e.g. 2GiB); default: "
-                        "--gpu-memory-utilization on CUDA, 1 GiB on CPU")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="fraction of free GPU memory for the KV cache after loading the weights")
+    engine.add_argument("--kv-cache-memory", type=byte_size, help="bytes for the KV cache per GPU (e.g. 2GiB), "
+                        "overriding --gpu-memory-utilization; default: what that leaves on CUDA, 1 GiB on CPU")
+    engine.add_argument("--gpu-memory-utilization", type=unit_fraction, default=0.9,
+                        help="fraction of each GPU's total memory this server may use, as in vLLM: the KV cache "
+                        "gets what is left of it after the weights, the peak activations of a profiling step of "
+                        "--max-num-batched-tokens, the CUDA graphs and the sampler's state; start-up is refused "
+                        "when nothing is left")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "model", "fp8"],
                         help="auto: fp8 for a checkpoint with calibrated KV-cache scales (kv_cache_scheme), else the "

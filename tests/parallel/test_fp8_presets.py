@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tp_presets import GIB, check_kv_cache_and_reserve, stated
+from test_tp_presets import GIB, check_memory_plan, stated
 
 from model.config import ModelConfig
 from model.loader import build_model
@@ -47,4 +47,4 @@ def test_fp8_preset_memory_plan_matches_the_architecture_and_fits_the_card(prese
     assert max(weights) - min(weights) < GIB // 100
     assert round(max(weights) / GIB, 2) == stated(text, "weights per rank")
 
-    check_kv_cache_and_reserve(text, config, engine, max(weights), min_full_contexts=3)
+    check_memory_plan(text, config, engine, max(weights), min_full_contexts=3)

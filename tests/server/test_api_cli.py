@@ -90,3 +90,16 @@ def test_kv_events_config_takes_vllms_json_from_the_flag_or_a_preset(
     with pytest.raises(SystemExit):
         parse_args(["--config", str(preset)])
     assert "kv_events_config: buffer_steps" in capsys.readouterr().err
+
+
+def test_gpu_memory_utilization_is_a_fraction_of_the_total_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    assert engine_config(parse_args(["--gpu-memory-utilization", "0.8"])).gpu_memory_utilization == 0.8
+    assert engine_config(parse_args([])).gpu_memory_utilization == 0.9
+    for bad in ("0", "1.2", "-0.5", "most"):
+        with pytest.raises(SystemExit):
+            parse_args(["--gpu-memory-utilization", bad])
+        assert "not a fraction above 0 and at most 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "fraction of each GPU's total memory this server may use, as in vLLM" in help_text
