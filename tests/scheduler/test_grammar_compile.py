@@ -183,3 +183,29 @@ def test_the_front_end_validates_without_compiling(llm: LLM, monkeypatch: pytest
     with pytest.raises(InvalidParameterError, match="objectt"):
         llm.generate([[1]], SamplingParams(structured_output=invalid))
     assert gate.calls == Counter({("regex", pattern): 1})
+
+
+def test_an_unexpected_compile_crash_fails_its_request_and_a_later_one_retries(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = llm.engine
+    pattern = "crash once [0-9]"
+    backend = core.structured_output.compiler.backend
+    real = backend.compile
+    calls = Counter()
+
+    def crashes_first(spec: StructuredOutputSpec) -> CompiledGrammar:
+        calls[spec.key] += 1
+        if spec.key == ("regex", pattern) and calls[spec.key] == 1:
+            raise RuntimeError("injected compiler crash")
+        return real(spec)
+
+    monkeypatch.setattr(backend, "compile", crashes_first)
+    add(core, "crashed", [1, 2], regex_params(pattern))
+    seen = step_until(core, Seen(), lambda seen: "crashed" in seen.finished)
+    assert "injected compiler crash" in seen.errors["crashed"] and seen.finish_reasons["crashed"] == ["error"]
+    add(core, "retried", [3, 4], regex_params(pattern))
+    seen = step_until(core, seen, lambda seen: "retried" in seen.finished)
+    assert "retried" not in seen.errors and re.fullmatch(pattern, llm.tokenizer.decode(seen.tokens["retried"]))
+    assert calls[("regex", pattern)] == 2
+    assert_pool_free(llm)
