@@ -71,6 +71,7 @@ def compile_schemas(compiler_factory, count: int) -> tuple[list[float], list[flo
         started = time.perf_counter()
         compiler.compile(spec)
         cached.append(time.perf_counter() - started)
+        compiler.shutdown()
     return cold, cached
 
 
@@ -140,7 +141,7 @@ def main() -> None:
         print(f"masks alone (any_text, same tokens): {any_text[0] / plain[0]:.1%} wall, {any_text[1] / plain[1]:.1%} CPU")
 
         def fresh_compiler() -> GrammarCompiler:
-            return GrammarCompiler(llm.grammar_compiler.backend)
+            return GrammarCompiler(llm.engine.structured_output.compiler.backend)
 
         cold, cached = compile_schemas(fresh_compiler, 10)
         print(f"schema compile, cold (compile + first mask): median {statistics.median(cold) * 1e3:.2f} ms, "

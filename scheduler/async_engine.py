@@ -21,7 +21,7 @@ from scheduler.outputs import EngineDeadError, RequestOutput, RequestRejected
 from scheduler.request_check import check_request
 from scheduler.sampling_params import SamplingParams
 from scheduler.stats import StatsListener
-from scheduler.structured_output.factory import front_end_compiler
+from scheduler.structured_output.factory import create_constraint_validator
 from scheduler.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ class AsyncEngine:
         self.num_kv_blocks = self.info.num_kv_blocks
         self.device = self.info.device
         self.dtype = self.info.dtype
-        # The server compiles each constraint here (off the event loop) to answer one that cannot be enforced with a
-        # 400 before the request is sent; the core compiles it into its own cache again.
-        self.grammar_compiler = front_end_compiler(self.client, self.tokenizer)
+        # The server validates each constraint (without compiling it: the core does, once per key, off its step) to
+        # answer one that cannot be enforced with a 400 before the request is sent.
+        self.grammar_validator = create_constraint_validator(self.tokenizer, self.vocab_size, self.info.eos_token_ids)
         self.on_dead = on_dead
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}

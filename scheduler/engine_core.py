@@ -36,6 +36,7 @@ from scheduler.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 EXPERT_COUNTS_FLUSH_S = 1.0
+GRAMMAR_WAIT_S = 0.01  # nothing could run: wait this long for a compiling grammar before the next step
 
 
 class GrammarRejectedError(Exception):
@@ -117,6 +118,8 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         started = time.monotonic()
         outputs, self._pending = self._pending, []
+        for request_id, error in self.structured_output.take_compiled():
+            outputs.append(self._end_request(self._requests[request_id], "error", error))
         sched = self.scheduler.schedule()
         num_decode_tokens = sched.num_decode_tokens  # before the step: it moves (and finishes) sequences
         for seq in sched.preempted:
@@ -130,6 +133,8 @@ class EngineCore:
         step = None
         if sched.scheduled or sched.preempted:
             step = self._step_stats(sched, num_decode_tokens, time.monotonic() - started)
+        else:
+            self.structured_output.wait_for_compiles(GRAMMAR_WAIT_S)
         if self.kv_events is not None:
             self.kv_events.publish(self.block_manager.take_events())
         return self._collect(outputs, step)
@@ -259,7 +264,6 @@ class EngineCore:
         prompt = list(core_request.prompt_token_ids)
         resolved = check_request(prompt, core_request.params, self.info.vocab_size, self.max_model_len,
                                  self.info.sampling_defaults)
-        self.structured_output.check(resolved)  # compiles the constraint into this process's cache
         stop_token_ids = set(resolved.stop_token_ids)
         if not resolved.ignore_eos:
             stop_token_ids.update(self.generation_defaults.eos_token_ids)
@@ -278,6 +282,7 @@ class EngineCore:
             )
             prompt_seen = seq.sampling.prompt_seen
             seqs.append(seq)
+        self.structured_output.add(seqs)  # the grammar compiles off the step; until then the request waits
         arrival = core_request.arrival_time
         self._requests[request_id] = Request(
             request_id=request_id, params=resolved, seqs=seqs,

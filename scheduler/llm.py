@@ -12,8 +12,8 @@ from scheduler.outputs import RequestOutput, TokenLogprob
 from scheduler.request_check import check_request
 from scheduler.sampling_params import SamplingParams
 from scheduler.stats import StatsListener
-from scheduler.structured_output.factory import front_end_compiler
-from scheduler.structured_output.manager import check_constraint
+from scheduler.structured_output.factory import create_constraint_validator
+from scheduler.structured_output.validator import check_constraint
 from scheduler.tokenizer import load_tokenizer
 
 
@@ -57,7 +57,8 @@ class LLM:
         self.stats_listener = stats_listener
         self.tokenizer = load_tokenizer(model)
         self.processor = OutputProcessor(self.tokenizer, stats_listener)
-        self.grammar_compiler = front_end_compiler(self.client, self.tokenizer)
+        info = self.client.info
+        self.grammar_validator = create_constraint_validator(self.tokenizer, info.vocab_size, info.eos_token_ids)
         self._request_ids = itertools.count()
 
     def generate(
@@ -83,7 +84,7 @@ class LLM:
         resolved = [check_request(ids, p, info.vocab_size, info.max_model_len, info.sampling_defaults)
                     for ids, p in zip(prompt_ids, params_list)]
         for p in resolved:
-            check_constraint(self.grammar_compiler, p)
+            check_constraint(self.grammar_validator, p)
         for request_id in list(self.processor.requests):  # left by an interrupted call
             self.processor.remove(request_id)
             self.client.finish_choices([FinishChoice(request_id, None, "abort")])

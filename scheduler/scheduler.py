@@ -1,11 +1,12 @@
 """Picks what runs each step under a token budget and a sequence budget, and preempts when KV blocks run out.
 
 Running decodes go first, then running prefills, then waiting sequences in the policy's order (``waiting_queue.py``:
-arrival, or priority then arrival); the last prefill is chunked to fill the token budget. When a running sequence
-cannot get a block, a running sequence is preempted (the most recently admitted, or under the priority policy the
-lowest priority): its blocks are freed and it is recomputed later from its token ids (prompt and output so far).
-Prompts that need prompt logprobs compute at most ``MAX_PROMPT_LOGPROB_ROWS_PER_STEP`` positions per step in all
-(each position costs a log-softmax over the vocabulary and a copy to the host).
+arrival, or priority then arrival; one whose grammar is still compiling is passed over); the last prefill is chunked
+to fill the token budget. When a running sequence cannot get a block, a running sequence is preempted (the most
+recently admitted, or under the priority policy the lowest priority): its blocks are freed and it is recomputed later
+from its token ids (prompt and output so far). Prompts that need prompt logprobs compute at most
+``MAX_PROMPT_LOGPROB_ROWS_PER_STEP`` positions per step in all (each position costs a log-softmax over the vocabulary
+and a copy to the host).
 """
 import itertools
 from dataclasses import dataclass, field
@@ -91,7 +92,9 @@ class Scheduler:
                     prompt_logprob_rows -= num_new
         # Admitting new work right after a preemption would only preempt again.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
-            seq = self.waiting.peek()
+            seq = self.waiting.first_admissible()
+            if seq is None:
+                break
             prefix: list[int] = []
             if not seq.block_table:
                 prefix = self.block_manager.match_prefix(seq)
@@ -103,7 +106,7 @@ class Scheduler:
                     break
             if not self.block_manager.can_admit(seq, prefix, num_new):
                 break
-            self.waiting.pop()
+            self.waiting.remove(seq)
             if not seq.block_table:
                 out.prefix_cache_queries += seq.num_tokens
                 out.prefix_cache_hits += num_computed

@@ -34,6 +34,7 @@ class Sequence:
     num_cached_tokens: int | None = None  # prompt tokens served by the prefix cache at first admission
     priority: int = 0  # the request's; lower runs first under the priority scheduling policy
     arrival_order: int = 0  # set by the scheduler when the sequence is first queued: breaks priority ties
+    grammar_pending: bool = False  # its grammar is still compiling: the scheduler leaves it waiting
 
     @property
     def num_tokens(self) -> int:

@@ -3,6 +3,7 @@
 ``fcfs``: arrival order; sequences put back (preempted, or choices forked from a computed prompt) go first.
 ``priority``: lowest ``priority`` value first (as vLLM), ties by arrival; sequences put back keep their own place,
 so a preempted low-priority sequence does not jump ahead of waiting high-priority ones.
+Sequences whose grammar is still compiling keep their place but are passed over (``first_admissible``).
 """
 import bisect
 from collections import deque
@@ -42,11 +43,9 @@ class WaitingQueue:
             for seq in reversed(seqs):  # ahead of equal keys, keeping the given order among themselves
                 bisect.insort_left(self._by_priority, seq, key=priority_key)
 
-    def peek(self) -> Sequence:
-        return self._fcfs[0] if self.policy == "fcfs" else self._by_priority[0]
-
-    def pop(self) -> Sequence:
-        return self._fcfs.popleft() if self.policy == "fcfs" else self._by_priority.pop(0)
+    def first_admissible(self) -> Sequence | None:
+        """The first sequence in policy order that may run now (its grammar, if any, is compiled)."""
+        return next((seq for seq in self if not seq.grammar_pending), None)
 
     def remove(self, seq: Sequence) -> None:
         (self._fcfs if self.policy == "fcfs" else self._by_priority).remove(seq)

@@ -34,7 +34,7 @@ class ChatCompletions(GenerationRoute[ChatCompletionRequest]):
         )
         tools = parse_tools(body)
         spec, param = request_spec(body.response_format, body.structured_outputs)
-        constraint = await answer_constraint(spec, param, tools, engine.grammar_compiler)
+        constraint = await answer_constraint(spec, param, tools, engine.grammar_validator)
         params = replace(params, structured_output=constraint)
         prompt = await self.state.tokenization.chat_prompt(
             body.messages, body.add_generation_prompt, body.continue_final_message, tools.template_tools()

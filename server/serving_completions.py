@@ -13,7 +13,7 @@ from server.request_log import RequestRecord
 from server.sampling import build_sampling_params, check_num_sequences, check_prompts
 from server.serving import GenerationRoute, usage
 from server.streaming import DONE_EVENT, ChunkEncoder, sse_event
-from server.structured_outputs import compile_or_400, request_spec
+from server.structured_outputs import request_spec, validate_or_400
 from server.unsupported import reject_unsupported_completion
 
 
@@ -80,7 +80,7 @@ class Completions(GenerationRoute[CompletionRequest]):
             prompt_logprobs=body.logprobs if body.echo else None,
         )
         spec, spec_param = request_spec(body.response_format, body.structured_outputs)
-        await compile_or_400(engine.grammar_compiler, spec, spec_param)
+        await validate_or_400(engine.grammar_validator, spec, spec_param)
         params = replace(params, structured_output=spec)
         prompts = await self.state.tokenization.completion_prompts(body.prompt)
         per_prompt = check_prompts(engine, [prompt.token_ids for prompt in prompts], params,

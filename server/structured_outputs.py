@@ -1,15 +1,15 @@
 """``response_format`` (OpenAI) and ``structured_outputs`` (vLLM's extension) as an engine constraint.
 
-The constraint is compiled here, in a worker thread, so that an invalid schema (or one using a feature the grammar
-backend cannot enforce) is answered with a 400 naming it before the request is queued; the engine core compiles it
-again into its own cache (it runs in its own process).
+The constraint is validated here, in a worker thread, so that an invalid schema (or one using a feature the grammar
+backend cannot enforce) is answered with a 400 naming it before the request is queued; only the engine core compiles
+it (once per key, off its step).
 """
 import asyncio
 import json
 from typing import Any
 
-from scheduler.structured_output.compiler import GrammarCompiler
 from scheduler.structured_output.spec import InvalidConstraintError, StructuredOutputSpec
+from scheduler.structured_output.validator import ConstraintValidator
 from server.errors import invalid_request
 
 STRUCTURED_OUTPUT_KEYS = ("json", "regex", "choice", "grammar", "json_object")
@@ -88,11 +88,12 @@ def request_spec(
     return from_format, "response_format"
 
 
-async def compile_or_400(compiler: GrammarCompiler, spec: StructuredOutputSpec | None, param: str) -> None:
-    """Compiles ``spec`` off the event loop (a cache hit returns at once); a 400 naming ``param`` if it cannot be."""
+async def validate_or_400(validator: ConstraintValidator, spec: StructuredOutputSpec | None, param: str) -> None:
+    """Validates ``spec`` off the event loop (a known one returns at once); a 400 naming ``param`` if it cannot be
+    enforced."""
     if spec is None:
         return
     try:
-        await asyncio.to_thread(compiler.compile, spec)
+        await asyncio.to_thread(validator.validate, spec)
     except InvalidConstraintError as error:
         raise invalid_request(f"{param} cannot be enforced: {error}", param=param, code="invalid_constraint") from None

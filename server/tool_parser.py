@@ -10,7 +10,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from scheduler.structured_output.spec import CALL_CLOSE, CALL_OPEN
+from server.tool_format import CALL_CLOSE, CALL_OPEN
 
 HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 

@@ -1,7 +1,8 @@
 """OpenAI tools on chat: the request's tools and tool_choice (or the legacy functions and function_call), and the
 constraint that makes the model's calls match them.
 
-A call is ``<tool_call>{"name":NAME,"arguments":{...}}</tool_call>`` (the format of the shipped template).
+A call is ``<tool_call>{"name":NAME,"arguments":{...}}</tool_call>`` (the format of the shipped template, in
+``tool_format.py``, which also builds its grammar).
 ``required`` and named choices allow only calls; ``auto`` allows text that may turn into calls at the tag, after
 which only calls follow; ``parallel_tool_calls: false`` allows one call.
 """
@@ -10,11 +11,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.structured_output.compiler import GrammarCompiler
-from scheduler.structured_output.spec import StructuredOutputSpec, tool_call_value
+from scheduler.structured_output.spec import StructuredOutputSpec
+from scheduler.structured_output.validator import ConstraintValidator
 from server.errors import invalid_request
 from server.protocol.chat import ChatCompletionRequest
-from server.structured_outputs import compile_or_400
+from server.structured_outputs import validate_or_400
+from server.tool_format import tool_call_grammar
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -118,22 +120,22 @@ def tool_call_spec(setup: ToolSetup) -> StructuredOutputSpec | None:
         return None
     mode = "auto" if setup.mode == "auto" else "required"
     tools = [(tool.name, tool.parameters) for tool in setup.allowed]
-    return StructuredOutputSpec("tool_calls", tool_call_value(mode, setup.parallel, tools))
+    return StructuredOutputSpec("lark", tool_call_grammar(mode, setup.parallel, tools))
 
 
 async def answer_constraint(
-    spec: StructuredOutputSpec | None, param: str, tools: ToolSetup, compiler: GrammarCompiler
+    spec: StructuredOutputSpec | None, param: str, tools: ToolSetup, validator: ConstraintValidator
 ) -> StructuredOutputSpec | None:
-    """The grammar of the answer: the requested format (``spec``, set by ``param``) or the tool calls; compiled
+    """The grammar of the answer: the requested format (``spec``, set by ``param``) or the tool calls; validated
     (400 if it cannot be enforced) off the event loop."""
     tool_spec = tool_call_spec(tools)
     if spec is not None and tool_spec is not None:
         raise invalid_request(f"{param} cannot be combined with tool calls; set tool_choice to 'none'", param=param)
     if tool_spec is None:
-        await compile_or_400(compiler, spec, param)
+        await validate_or_400(validator, spec, param)
         return spec
     for tool in tools.allowed:  # each on its own first, so that an error names the tool
         parameters = StructuredOutputSpec("json_schema", json.dumps(tool.parameters))
-        await compile_or_400(compiler, parameters, tool.param)
-    await compile_or_400(compiler, tool_spec, "tools")
+        await validate_or_400(validator, parameters, tool.param)
+    await validate_or_400(validator, tool_spec, "tools")
     return tool_spec

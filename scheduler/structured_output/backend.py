@@ -1,8 +1,9 @@
 """The seam between the engine and a grammar library: compile a constraint once, then one matcher per sequence.
 
-A backend turns a ``StructuredOutputSpec`` into a ``CompiledGrammar``; each sequence gets its own ``GrammarMatcher``
-from it. Masks are bit masks (int32 words, bit ``t % 32`` of word ``t // 32`` allows token ``t``), the layout both
-llguidance and xgrammar use, so a second backend only has to implement these three protocols.
+A backend checks a ``StructuredOutputSpec`` cheaply (``validate``) and turns it into a ``CompiledGrammar``; each
+sequence gets its own ``GrammarMatcher`` from it. Masks are bit masks (int32 words, bit ``t % 32`` of word ``t // 32``
+allows token ``t``), the layout both llguidance and xgrammar use, so a second backend only has to implement these
+three protocols.
 """
 from typing import Protocol
 
@@ -35,6 +36,10 @@ class CompiledGrammar(Protocol):
 
 class GrammarBackend(Protocol):
     name: str
+
+    def validate(self, spec: StructuredOutputSpec) -> None:
+        """Raises ``InvalidConstraintError`` if ``compile`` would: checks the grammar without building a matcher
+        (the front end's cheap check before it sends a request)."""
 
     def compile(self, spec: StructuredOutputSpec) -> CompiledGrammar:
         """Raises ``InvalidConstraintError`` naming what is wrong or unsupported. May take long: call it off the

@@ -1,28 +1,19 @@
-"""Builds the grammar compiler (front end and engine each hold one) and the engine's mask manager."""
+"""Builds the engine's grammar manager (with its compiler) and the front end's constraint validator."""
 from transformers import PreTrainedTokenizerBase
 
 from scheduler.structured_output.compiler import GrammarCompiler
 from scheduler.structured_output.llguidance_backend import LLGuidanceBackend
 from scheduler.structured_output.manager import StructuredOutputManager
+from scheduler.structured_output.validator import ConstraintValidator
 
 
-def create_grammar_compiler(
+def create_constraint_validator(
     tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: list[int]
-) -> GrammarCompiler:
-    return GrammarCompiler(LLGuidanceBackend(tokenizer, vocab_size, eos_token_ids))
-
-
-def front_end_compiler(client: object, tokenizer: PreTrainedTokenizerBase) -> GrammarCompiler:
-    """The compiler a front end checks constraints with before it sends a request: the core's own (one cache)
-    when the core is in this process, else one of its own (the core compiles into its cache again)."""
-    core = getattr(client, "core", None)
-    if core is not None:
-        return core.structured_output.compiler
-    info = client.info
-    return create_grammar_compiler(tokenizer, info.vocab_size, info.eos_token_ids)
+) -> ConstraintValidator:
+    return ConstraintValidator(LLGuidanceBackend(tokenizer, vocab_size, eos_token_ids, parallel_masks=False))
 
 
 def create_structured_output(
     tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: list[int]
 ) -> StructuredOutputManager:
-    return StructuredOutputManager(create_grammar_compiler(tokenizer, vocab_size, eos_token_ids), vocab_size)
+    return StructuredOutputManager(GrammarCompiler(LLGuidanceBackend(tokenizer, vocab_size, eos_token_ids)), vocab_size)

@@ -8,7 +8,7 @@ import llguidance.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from scheduler.structured_output.spec import CALL_CLOSE, CALL_OPEN, InvalidConstraintError, StructuredOutputSpec
+from scheduler.structured_output.spec import InvalidConstraintError, StructuredOutputSpec
 
 # Compact JSON: no whitespace between tokens, so max_tokens goes to content.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -54,22 +54,24 @@ class LLGuidanceGrammar:
 class LLGuidanceBackend:
     name = "llguidance"
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: list[int]) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: list[int],
+        parallel_masks: bool = True,
+    ) -> None:
         """``vocab_size`` is the model's (logits width), which may exceed the tokenizer's: the extra ids are never
-        allowed."""
+        allowed. ``parallel_masks``: False for a backend that only validates (the front end's): no mask threads."""
         self.vocab_size = vocab_size
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
         cpus = os.cpu_count() or 1
         self.executor = None
-        if cpus >= PARALLEL_MIN_CPUS:
+        if parallel_masks and cpus >= PARALLEL_MIN_CPUS:
             self.executor = llguidance.LLExecutor(num_threads=min(MAX_MASK_THREADS, cpus))
 
+    def validate(self, spec: StructuredOutputSpec) -> None:
+        self._checked_grammar(spec)
+
     def compile(self, spec: StructuredOutputSpec) -> LLGuidanceGrammar:
-        grammar = self._grammar_text(spec)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
-        if is_error:
-            raise InvalidConstraintError(_first_line(messages[0]))
-        template = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        template = llguidance.LLMatcher(self.tokenizer, self._checked_grammar(spec), log_level=0)
         if template.is_error():
             raise InvalidConstraintError(_first_line(template.get_error()))
         return LLGuidanceGrammar(template)
@@ -82,58 +84,40 @@ class LLGuidanceBackend:
         for row, matcher in enumerate(matchers):
             llguidance.torch.fill_next_token_bitmask(matcher.matcher, bitmask, row)
 
-    def _grammar_text(self, spec: StructuredOutputSpec) -> str:
-        if spec.kind == "json_schema":
-            try:
-                schema = json.loads(spec.value)
-            except json.JSONDecodeError as error:
-                raise InvalidConstraintError(f"the JSON schema is not valid JSON: {error}") from None
-            if not isinstance(schema, (dict, bool)):
-                raise InvalidConstraintError("a JSON schema must be an object or a boolean")
-            return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
-        if spec.kind == "json_object":
-            return llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT, defaults=JSON_OPTIONS)
-        if spec.kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(spec.value)
-        if spec.kind == "choice":
-            try:
-                choices = json.loads(spec.value)
-            except json.JSONDecodeError:
-                choices = None
-            if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
-                raise InvalidConstraintError("choice must be a non-empty list of strings")
-            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
-        if spec.kind == "lark":
-            return llguidance.LLMatcher.grammar_from_lark(spec.value)
-        if spec.kind == "tool_calls":
-            try:
-                grammar = tool_call_grammar(json.loads(spec.value))
-            except (ValueError, KeyError, TypeError) as error:
-                raise InvalidConstraintError(f"malformed tool_calls constraint: {error!r}") from None
-            return llguidance.LLMatcher.grammar_from_lark(grammar)
-        raise InvalidConstraintError(f"unknown constraint kind {spec.kind!r}")
+    def _checked_grammar(self, spec: StructuredOutputSpec) -> str:
+        """llguidance's grammar of ``spec``, parsed and checked against the tokenizer but not built into a matcher."""
+        grammar = grammar_text(spec)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if is_error:
+            raise InvalidConstraintError(_first_line(messages[0]))
+        return grammar
 
 
-def tool_call_grammar(constraint: dict) -> str:
-    """Lark for tool calls: each call's JSON matches one tool's ``{"name", "arguments"}`` schema. In "auto" mode the
-    answer is text that never contains the tag, or text lazily up to the first tag and then only calls."""
-    alternatives = [
-        {"type": "object", "properties": {"name": {"const": tool["name"]}, "arguments": tool["parameters"]},
-         "required": ["name", "arguments"], "additionalProperties": False}
-        for tool in constraint["tools"]
-    ]
-    call_schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
-    close = json.dumps(CALL_CLOSE)
-    more_calls = f" ({json.dumps(CALL_OPEN)} call_body {close})*" if constraint["parallel"] else ""
-    if constraint["mode"] == "auto":
-        start = (
-            f"start: TEXT | text_then_tag call_body {close}{more_calls}\n"
-            f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{CALL_OPEN}(.|\\n)*/\n"
-            f"text_then_tag[lazy]: /(.|\\n)*/ {json.dumps(CALL_OPEN)}\n"
-        )
-    else:
-        start = f"start: {json.dumps(CALL_OPEN)} call_body {close}{more_calls}\n"
-    return "%llguidance {}\n" + start + "call_body: %json " + json.dumps({**call_schema, "x-guidance": JSON_OPTIONS})
+def grammar_text(spec: StructuredOutputSpec) -> str:
+    """The constraint in llguidance's grammar format; raises ``InvalidConstraintError`` on malformed values."""
+    if spec.kind == "json_schema":
+        try:
+            schema = json.loads(spec.value)
+        except json.JSONDecodeError as error:
+            raise InvalidConstraintError(f"the JSON schema is not valid JSON: {error}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidConstraintError("a JSON schema must be an object or a boolean")
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+    if spec.kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT, defaults=JSON_OPTIONS)
+    if spec.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(spec.value)
+    if spec.kind == "choice":
+        try:
+            choices = json.loads(spec.value)
+        except json.JSONDecodeError:
+            choices = None
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise InvalidConstraintError("choice must be a non-empty list of strings")
+        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+    if spec.kind == "lark":
+        return llguidance.LLMatcher.grammar_from_lark(spec.value)
+    raise InvalidConstraintError(f"unknown constraint kind {spec.kind!r}")
 
 
 def _first_line(message: str) -> str:

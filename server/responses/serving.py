@@ -68,7 +68,7 @@ class Responses(GenerationRoute[ResponsesRequest]):
                                   param="background")
         tools = response_tool_setup(body)
         constraint = await answer_constraint(text_format_spec(body.text), "text.format", tools,
-                                             engine.grammar_compiler)
+                                             engine.grammar_validator)
         history = []
         if body.previous_response_id is not None:
             history = self.store.get(body.previous_response_id, "previous_response_id").conversation

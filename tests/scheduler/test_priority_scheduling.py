@@ -80,7 +80,11 @@ def test_a_preempted_sequence_keeps_its_place_among_waiting_priorities() -> None
     queue.add(late)
     queue.put_back([preempted])
     assert list(queue) == [urgent, preempted, late]
-    assert queue.pop() is urgent and queue.peek() is preempted and len(queue) == 2
+    assert queue.first_admissible() is urgent
+    queue.remove(urgent)
+    assert queue.first_admissible() is preempted and len(queue) == 2
+    preempted.grammar_pending = True  # passed over, but keeps its place
+    assert queue.first_admissible() is late and list(queue) == [preempted, late]
 
 
 def test_forked_choices_inherit_priority_and_arrival_and_go_ahead_of_equals() -> None:

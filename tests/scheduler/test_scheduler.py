@@ -193,3 +193,16 @@ def test_prompt_logprob_rows_per_step_are_capped_across_sequences() -> None:
     out = run_step(scheduler)
     assert [(s, n) for s, n in out.scheduled] == [(first, 600 - MAX_PROMPT_LOGPROB_ROWS_PER_STEP), (second, 300),
                                                   (plain, 100)]
+
+
+def test_a_sequence_waiting_for_its_grammar_is_passed_over_and_keeps_its_place() -> None:
+    scheduler = make_scheduler(max_tokens=64)
+    compiling, plain, later = make_seq(list(range(10))), make_seq(list(range(20, 30))), make_seq(list(range(40, 50)))
+    compiling.grammar_pending = True
+    for seq in (compiling, plain, later):
+        scheduler.add(seq)
+    assert [seq for seq, _ in run_step(scheduler).scheduled] == [plain, later]
+    assert compiling.status is SequenceStatus.WAITING and compiling.block_table == []
+    assert list(scheduler.waiting) == [compiling]
+    compiling.grammar_pending = False
+    assert [seq for seq, _ in run_step(scheduler).scheduled] == [plain, later, compiling]
