@@ -81,6 +81,11 @@ def supports_w8a8(device: torch.device, dtype: torch.dtype, *shape: int) -> bool
         return False
     if torch.cuda.get_device_capability(device) < (8, 9):
         return False
+    return logged_w8a8_check(device).passed
+
+
+def logged_w8a8_check(device: torch.device) -> SelfCheckResult:
+    """``check_w8a8`` on ``device``, run and logged once per device and process."""
     if device not in _w8a8_checks:
         result = check_w8a8(device)
         if result.passed:
@@ -89,7 +94,7 @@ def supports_w8a8(device: torch.device, dtype: torch.dtype, *shape: int) -> bool
             logger.warning("FP8 W8A8 failed its self-check on %s (%s); running FP8 weights weight-only", device,
                            result.describe())
         _w8a8_checks[device] = result
-    return _w8a8_checks[device].passed
+    return _w8a8_checks[device]
 
 
 def check_w8a8(device: torch.device) -> SelfCheckResult:
