@@ -83,8 +83,8 @@ def _compare_backends(device: torch.device, dtype: torch.dtype, kv_cache_dtype: 
                                    f"{cache_error:.3g}) for new tokens {new_tokens} over {cached} cached, window "
                                    f"{window}", error)
         worst = max(worst, error)
-    cache = str(kv_cache_dtype).removeprefix("torch.")
-    return SelfCheckResult(CHECK_NAME, True, f"{len(cases)} batches in {dtype}, {cache} cache, windows {windows}",
+    compute, cache = (str(d).removeprefix("torch.") for d in (dtype, kv_cache_dtype))
+    return SelfCheckResult(CHECK_NAME, True, f"{len(cases)} batches in {compute}, {cache} cache, windows {windows}",
                            worst)
 
 
