@@ -49,7 +49,8 @@ def test_a_failed_check_refuses_explicit_triton_and_sends_auto_to_torch(caplog):
                                   "on cuda: output off by 0.5; use auto or torch")
     with caplog.at_level(logging.WARNING, logger="test_backend_selection"):
         assert choose("auto", "cuda", FAILED) == "torch"
-    assert "failed its self-check (check_kernels) on cuda: output off by 0.5; using the torch MoE backend" in caplog.text
+    assert ("failed its self-check (check_kernels) on cuda: output off by 0.5; using the torch MoE backend"
+            in caplog.text)
 
 
 def test_an_unknown_name_is_refused_before_anything_runs():
