@@ -93,17 +93,15 @@ def kernel_self_checks(table: Table, device: str) -> None:
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
         with table.section(f"attention kernels self-check {name}"):
-            error = check_triton_attention(device, dtype, query_heads_per_kv_head=1, windows=(None, 64))
-            table.add(f"attention kernels self-check {name}", f"pass, max abs diff {error:.2e} against torch")
+            result = check_triton_attention(device, dtype, query_heads_per_kv_head=1, windows=(None, 64))
+            table.add(f"attention kernels self-check {name}", result.describe())
         with table.section(f"MoE kernels self-check {name}"):
-            failure = check_fused_moe(device, dtype)
-            table.add(f"MoE kernels self-check {name}", "pass" if failure is None else f"FAIL: {failure}")
+            table.add(f"MoE kernels self-check {name}", check_fused_moe(device, dtype).describe())
     if device.startswith("cuda") and torch.cuda.get_device_capability() >= (8, 9):
         with table.section("FP8 kernels self-check"):
-            error = check_triton_attention(device, torch.bfloat16, kv_cache_dtype=torch.float8_e4m3fn)
-            failure = check_fused_moe(device, torch.bfloat16, fp8=True)
-            table.add("FP8 kernels self-check", f"KV cache: max abs diff {error:.2e}; fused MoE: "
-                      + ("pass" if failure is None else f"FAIL: {failure}"))
+            attention = check_triton_attention(device, torch.bfloat16, kv_cache_dtype=torch.float8_e4m3fn)
+            moe = check_fused_moe(device, torch.bfloat16, fp8=True)
+            table.add("FP8 kernels self-check", f"KV cache: {attention.describe()}; fused MoE: {moe.describe()}")
 
 
 def describe_graphs(executor) -> str:

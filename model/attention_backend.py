@@ -1,11 +1,11 @@
-"""The attention seam: a backend, chosen once at load, that builds per-forward metadata and stores + attends.
+"""The attention seam: a backend, chosen once at load (``model.backend_selection``), that builds per-forward
+metadata and stores + attends.
 
 ``torch`` is the reference and CPU path (``model.paged_attention``). ``triton`` runs the paged kernels of
 ``model.kernels.attention``; its metadata is made only of the batch's device tensors and host-known ints (tensor
 shapes and a max-query-length bound), so nothing in its forward reads a device value back and a pure-decode forward
 can be captured in a CUDA graph. Padded rows (slot -1, context length 0) write nothing and attend to nothing.
 """
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -13,10 +13,6 @@ import torch
 
 from model.forward_batch import ForwardBatch
 from model.paged_attention import AttentionMetadata, paged_attention, store_kv
-
-logger = logging.getLogger(__name__)
-
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 class AttentionLayer(Protocol):
@@ -30,6 +26,7 @@ class AttentionLayer(Protocol):
 
 class AttentionBackend(Protocol):
     name: str
+    graph_safe: bool  # its forward reads no device value back, so a CUDA graph can capture it
 
     def build_metadata(self, batch: ForwardBatch, block_size: int) -> Any: ...
 
@@ -56,6 +53,7 @@ class AttentionStep:
 
 class TorchAttentionBackend:
     name = "torch"
+    graph_safe = False
 
     def build_metadata(self, batch: ForwardBatch, block_size: int) -> AttentionMetadata:
         return AttentionMetadata.build(batch, block_size)
@@ -94,6 +92,7 @@ class TritonAttentionMetadata:
 
 class TritonAttentionBackend:
     name = "triton"
+    graph_safe = True
 
     def __init__(self) -> None:
         # Imported here: Triton is only needed when this backend is chosen.
@@ -134,30 +133,3 @@ class TritonAttentionBackend:
                                           metadata.max_query_len, layer.scale, layer.window, layer.k_scale,
                                           layer.v_scale)
         return output
-
-
-def resolve_attention_backend(name: str, device: torch.device | str, dtype: torch.dtype,
-                              kv_cache_dtype: torch.dtype | None = None, head_dim: int = 128,
-                              query_heads_per_kv_head: int = 1, windows: tuple[int | None, ...] = (None,)
-                              ) -> AttentionBackend:
-    """"torch", or "triton" (and "auto" on CUDA) once a self-check of the kernels against the torch path passed on
-    ``device``. A failing check (an exception or a mismatch) refuses an explicit "triton" with a ValueError; "auto"
-    logs a warning and falls back to torch."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
-    device = torch.device(device)
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
-        return TorchAttentionBackend()
-    from model.attention_self_check import check_triton_attention
-
-    try:
-        error = check_triton_attention(device, dtype, kv_cache_dtype, head_dim, query_heads_per_kv_head, windows)
-    except Exception as e:  # compilation, launch or mismatch
-        failure = (f"triton attention failed its self-check (check_triton_attention) on {device}: "
-                   f"{type(e).__name__}: {e}")
-        if name == "triton":
-            raise ValueError(f"--attention-backend triton: {failure}; use auto or torch") from e
-        logger.warning("%s; using the torch attention backend", failure)
-        return TorchAttentionBackend()
-    logger.info("attention backend: triton (self-check on %s passed, max abs error %.2g)", device, error)
-    return TritonAttentionBackend()

@@ -4,22 +4,21 @@ For each attention window the model uses, two tiny forwards over shuffled block 
 prefill over a cached prefix, a fresh prefill and a decode) and a pure-decode batch long enough to be split, each
 with a padded row (slot -1, context 0) the way a CUDA-graph runner pads. One kv head with the model's query group
 and head size keeps it cheap. Each backend stores into its own copy of the same random cache; outputs and caches
-must agree.
+must agree. Triton itself loads only when the check runs (``TritonAttentionBackend()``).
 """
 import random
 from dataclasses import dataclass
 
 import torch
 
+from model.attention_backend import TorchAttentionBackend, TritonAttentionBackend
 from model.forward_batch import ForwardBatch
+from model.self_check import SelfCheckResult
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 24
+CHECK_NAME = "check_triton_attention"
 _TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-
-
-class AttentionSelfCheckError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -32,14 +31,19 @@ class _Layer:
 
 def check_triton_attention(device: torch.device | str, dtype: torch.dtype, kv_cache_dtype: torch.dtype | None = None,
                            head_dim: int = 128, query_heads_per_kv_head: int = 1,
-                           windows: tuple[int | None, ...] = (None,)) -> float:
-    """Runs the triton backend against the torch one; returns the largest output difference seen, or raises
-    (AttentionSelfCheckError on a mismatch, anything the kernels raise otherwise)."""
-    from model.attention_backend import TorchAttentionBackend, TritonAttentionBackend
+                           windows: tuple[int | None, ...] = (None,)) -> SelfCheckResult:
+    """The triton backend against the torch one on ``device``: passed with the largest output difference seen, or
+    failed with the mismatch or what the kernels raised."""
+    try:
+        return _compare_backends(torch.device(device), dtype, kv_cache_dtype or dtype, head_dim,
+                                 query_heads_per_kv_head, windows)
+    except Exception as error:  # Triton missing, compilation or launch
+        return SelfCheckResult.failed_by(CHECK_NAME, error)
 
-    device = torch.device(device)
+
+def _compare_backends(device: torch.device, dtype: torch.dtype, kv_cache_dtype: torch.dtype, head_dim: int,
+                      query_heads_per_kv_head: int, windows: tuple[int | None, ...]) -> SelfCheckResult:
     num_kv_heads, num_heads = 1, query_heads_per_kv_head
-    kv_cache_dtype = kv_cache_dtype or dtype
     is_fp8 = kv_cache_dtype == torch.float8_e4m3fn
     generator = torch.Generator().manual_seed(0)
     cache_shape = (NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, head_dim)
@@ -68,18 +72,20 @@ def check_triton_attention(device: torch.device | str, dtype: torch.dtype, kv_ca
             metadata = backend.build_metadata(run_batch.to(device), BLOCK_SIZE)
             out = backend.forward(layer, *step_inputs, key_cache, value_cache, metadata)
             if not torch.isfinite(out.float()).all():
-                raise AttentionSelfCheckError(f"{backend.name} attention produced non-finite values")
+                return SelfCheckResult(CHECK_NAME, False, f"{backend.name} attention produced non-finite values")
             outputs.append(out[:num_tokens].float().cpu())
             caches.append([_dequantized(c, s) for c, s in zip((key_cache, value_cache), scales)])
         error = (outputs[0] - outputs[1]).abs().max().item()
         cache_error = max((a - b).abs().max().item() for a, b in zip(*caches))
         allowed = _TOLERANCE.get(dtype, 3e-2) * (4 if is_fp8 else 1)
         if not error <= allowed or cache_error != 0.0:
-            raise AttentionSelfCheckError(f"triton attention differs from torch by {error:.3g} (cache by "
-                                          f"{cache_error:.3g}) for new tokens {new_tokens} over {cached} cached, "
-                                          f"window {window}")
+            return SelfCheckResult(CHECK_NAME, False, f"triton attention differs from torch by {error:.3g} (cache by "
+                                   f"{cache_error:.3g}) for new tokens {new_tokens} over {cached} cached, window "
+                                   f"{window}", error)
         worst = max(worst, error)
-    return worst
+    compute, cache = (str(d).removeprefix("torch.") for d in (dtype, kv_cache_dtype))
+    return SelfCheckResult(CHECK_NAME, True, f"{len(cases)} batches in {compute}, {cache} cache, windows {windows}",
+                           worst)
 
 
 def _with_padded_row(batch: ForwardBatch) -> ForwardBatch:

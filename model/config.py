@@ -7,10 +7,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model.quantization import Fp8Scheme, parse_quantization_config
 from model.rope_config import RopeConfig, parse_rope_config
+
+if TYPE_CHECKING:  # the gguf package loads only when a GGUF file is read
+    from model.gguf.reader import GGUFMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +74,19 @@ class ModelConfig:
         self._validate()
 
     @classmethod
+    def from_gguf_metadata(cls, metadata: "GGUFMetadata") -> "ModelConfig":
+        """The Dots1 architecture of a GGUF file's metadata, validated like a config.json."""
+        from model.gguf.hf_config import hf_config_dict
+
+        return cls.from_dict(hf_config_dict(metadata), source=f"{metadata.path} (GGUF metadata)")
+
+    @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ModelConfig":
         """From ``model_dir``/config.json, or from the metadata of a dots1 GGUF file (a path ending in .gguf)."""
         if str(model_dir).endswith(".gguf"):
-            from model.gguf.config import config_from_gguf  # imports this module
             from model.gguf.reader import read_metadata
 
-            return config_from_gguf(read_metadata(model_dir))
+            return cls.from_gguf_metadata(read_metadata(model_dir))
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config.json not found; a Hugging Face model directory needs one")

@@ -9,6 +9,7 @@ from model.embedding import ParallelLMHead, VocabParallelEmbedding
 from model.forward_batch import ForwardBatch
 from model.mlp import GatedMLP
 from model.moe import Dots1MoE
+from model.moe_backend import MoEBackend, TorchMoEBackend
 from model.norm import RMSNorm
 from model.parallel import ParallelState
 from model.rope import RotaryEmbedding
@@ -17,20 +18,23 @@ from model.weights import WeightTarget
 
 class Dots1DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, parallel: ParallelState, dtype: torch.dtype,
-                 count_experts: bool, moe_backend: str = "torch") -> None:
+                 count_experts: bool, moe_backend: MoEBackend) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = Dots1Attention(config, layer_id, parallel, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp: nn.Module
+        self.mlp: Dots1MoE | GatedMLP
         if config.is_moe_layer(layer_id):
             self.mlp = Dots1MoE(config, parallel, dtype, count_experts, moe_backend)
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, parallel, dtype)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
-                value_cache: torch.Tensor, attention: AttentionStep) -> torch.Tensor:
+                value_cache: torch.Tensor, attention: AttentionStep,
+                real_tokens: torch.Tensor | None = None) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, key_cache, value_cache, attention)
+        if isinstance(self.mlp, Dots1MoE):
+            return hidden + self.mlp(self.post_attention_layernorm(hidden), real_tokens)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
@@ -42,22 +46,22 @@ class Dots1DecoderLayer(nn.Module):
 
 class Dots1ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, parallel: ParallelState | None = None, expert_metrics: bool = False,
-                 dtype: torch.dtype = torch.float32, moe_backend: str = "torch",
+                 dtype: torch.dtype = torch.float32, moe_backend: MoEBackend | None = None,
                  attention_backend: AttentionBackend | None = None) -> None:
-        """``moe_backend``: "torch" or "triton" for the routed experts (resolved: see ``model.moe_backend``)."""
+        """Both backends default to the torch reference; ``model.backend_selection`` chooses them at load."""
         super().__init__()
         self.config = config
         self.attention_backend = attention_backend or TorchAttentionBackend()
         self.parallel = parallel or ParallelState()
         self.moe_layer_ids = config.moe_layer_ids
         self.expert_metrics = expert_metrics
-        self.moe_backend = moe_backend
+        self.moe_backend: MoEBackend = moe_backend or TorchMoEBackend()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.parallel, dtype)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
         self.layers = nn.ModuleList()
         for layer_id in range(config.num_hidden_layers):
             self.layers.append(Dots1DecoderLayer(config, layer_id, self.parallel, dtype, expert_metrics,
-                                                 moe_backend))
+                                                 self.moe_backend))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, self.parallel, dtype,
                                       tied_to=self.embed_tokens if config.tie_word_embeddings else None)
@@ -67,6 +71,7 @@ class Dots1ForCausalLM(nn.Module):
         """Runs the batch's new tokens, writing their K/V into ``kv_caches``.
 
         Returns float32 logits [len(batch.logits_indices), vocab_size] for the tokens batch.logits_indices names.
+        Rows past ``batch.real_tokens`` (a captured graph's padding) run like any other but count for no expert.
         """
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} KV cache layers, got {len(kv_caches)}")
@@ -79,16 +84,15 @@ class Dots1ForCausalLM(nn.Module):
                                                output_size=batch.num_tokens)  # [T]
         cos, sin = self.rotary(batch.positions, seq_lens, hidden.dtype)  # [T, D]
         for layer, (key_cache, value_cache) in zip(self.layers, kv_caches):
-            hidden = layer(hidden, cos, sin, key_cache, value_cache, attention)
+            hidden = layer(hidden, cos, sin, key_cache, value_cache, attention, batch.real_tokens)
         hidden = self.norm(hidden.index_select(0, batch.logits_indices))  # [L, H]
         return self.lm_head(hidden)
 
     @property
     def graph_safe(self) -> bool:
         """True when a decode forward makes no host sync (so a CUDA graph can capture it): the attention backend
-        and every MoE block run the sync-free Triton paths; dense blocks always are."""
-        return self.attention_backend.name == "triton" and all(
-            isinstance(layer.mlp, GatedMLP) or layer.mlp.experts.backend == "triton" for layer in self.layers)
+        and, if the model has MoE layers, the MoE backend say so; dense blocks always are."""
+        return self.attention_backend.graph_safe and (not self.moe_layer_ids or self.moe_backend.graph_safe)
 
     def pack_weights_for_cpu(self) -> None:
         """Re-lays out every projection weight for oneDNN (see ``model.linear.pack_weight``); call once after

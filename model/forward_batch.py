@@ -26,6 +26,9 @@ class ForwardBatch:
     # change from replay to replay and live only in context_lens.
     query_lens_cpu: list[int]
     context_lens_cpu: list[int]
+    # [1] int64 beside the other tensors: how many leading tokens are real when a captured graph's batch is padded
+    # past them (the count changes from replay to replay, so it stays on the device). None: every token is real.
+    real_tokens: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +53,7 @@ class ForwardBatch:
             logits_indices=self.logits_indices.to(device, non_blocking=True),
             query_lens_cpu=self.query_lens_cpu,
             context_lens_cpu=self.context_lens_cpu,
+            real_tokens=None if self.real_tokens is None else self.real_tokens.to(device, non_blocking=True),
         )
 
     @staticmethod

@@ -11,6 +11,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from model.self_check import SelfCheckResult
+
 logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -18,7 +20,7 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 _MIN_SCALE = 1e-12  # an all-zero row still gets a usable scale
 # Weight elements dequantized at once on the weight-only path (32 MiB of bfloat16).
 TILE_ELEMENTS = 1 << 24
-_w8a8_checked: dict[torch.device, bool] = {}
+_w8a8_checks: dict[torch.device, SelfCheckResult] = {}  # one check per device and process
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,12 +81,25 @@ def supports_w8a8(device: torch.device, dtype: torch.dtype, *shape: int) -> bool
         return False
     if torch.cuda.get_device_capability(device) < (8, 9):
         return False
-    if device not in _w8a8_checked:
-        _w8a8_checked[device] = _self_check(device)
-    return _w8a8_checked[device]
+    return logged_w8a8_check(device).passed
 
 
-def _self_check(device: torch.device) -> bool:
+def logged_w8a8_check(device: torch.device) -> SelfCheckResult:
+    """``check_w8a8`` on ``device``, run and logged once per device and process."""
+    if device not in _w8a8_checks:
+        result = check_w8a8(device)
+        if result.passed:
+            logger.info("FP8 W8A8 with torch._scaled_mm (row-wise scales) on %s (%s)", device, result.describe())
+        else:
+            logger.warning("FP8 W8A8 failed its self-check on %s (%s); running FP8 weights weight-only", device,
+                           result.describe())
+        _w8a8_checks[device] = result
+    return _w8a8_checks[device]
+
+
+def check_w8a8(device: torch.device) -> SelfCheckResult:
+    """``w8a8_linear`` against the weight-only path on ``device``: relative error at most 0.1."""
+    check = "check_w8a8"
     try:
         generator = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(5, 64, device=device, generator=generator).to(torch.bfloat16)
@@ -92,11 +107,8 @@ def _self_check(device: torch.device) -> bool:
         expected = weight_only_linear(x.float(), weight, scale)
         actual = w8a8_linear(x, weight, scale[None, :]).float()
         error = ((actual - expected).norm() / expected.norm()).item()
-        if error > 0.1:
-            raise RuntimeError(f"relative error {error:.3f} against the weight-only path")
-    except Exception as error:  # any failure of the fast path falls back to the reference path
-        logger.warning("FP8 W8A8 (torch._scaled_mm) failed its self-check on %s (%s); running FP8 weights "
-                       "weight-only", device, error)
-        return False
-    logger.info("FP8 W8A8 with torch._scaled_mm (row-wise scales) on %s", device)
-    return True
+        difference = (actual - expected).abs().max().item()
+    except Exception as error:  # any failure of the fast path sends FP8 weights to the reference path
+        return SelfCheckResult.failed_by(check, error)
+    return SelfCheckResult(check, error <= 0.1, f"relative error {error:.3f} against the weight-only path",
+                           difference)

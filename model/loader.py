@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from model.attention_backend import ATTENTION_BACKENDS, resolve_attention_backend
+from model.backend_selection import attention_backend_for, resolve_moe_backend
 from model.checkpoint import TensorEntry, read_checkpoint_headers
 from model.config import ModelConfig
 from model.dots1 import Dots1ForCausalLM
@@ -22,14 +22,15 @@ from model.fp8 import FP8_DTYPE
 from model.fp8_storage import deferred_projection_weights
 from model.kv_scales import KV_SCALE_KEY
 from model.linear import QuantizableProjection, can_pack_weights
-from model.moe import RoutedExperts
-from model.moe_backend import resolve_moe_backend
+from model.moe_backend import MoEBackend
 from model.parallel import ParallelState
 from model.gguf.loader import load_gguf_model
 from model.gguf.reader import is_gguf_path
 from model.quant.online import METHODS as CPU_METHODS
 from model.quant.online import quantize_model_weights
 from model.quantization import QUANTIZATION_METHODS, Fp8Scheme, online_fp8_scheme
+from model.routed_experts import RoutedExperts
+from model.self_check import BACKEND_CHOICES
 from model.weights import FLOAT8, SCALE, CheckpointTensor, WeightTarget
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -49,19 +50,18 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.devic
 
     Weights are FP8 where the checkpoint's quantization_config says so, or (``quantization="fp8"``) quantized while
     they stream in from a high-precision checkpoint. ``moe_backend`` (auto, torch, triton) picks the routed experts'
-    implementation; see ``model.moe_backend``. ``attention_backend`` (auto, torch, triton) is resolved here, on
-    ``device``, for a cache of ``kv_cache_dtype`` (default: ``dtype``); see
-    ``model.attention_backend.resolve_attention_backend``.
+    implementation, ``attention_backend`` (auto, torch, triton) the attention's, for a cache of ``kv_cache_dtype``
+    (default: ``dtype``); both are chosen here, on ``device`` (see ``model.backend_selection``).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
-    if attention_backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    if attention_backend not in BACKEND_CHOICES:  # before a GGUF file loads, not after
+        raise ValueError(f"unknown attention backend {attention_backend!r}: use one of {', '.join(BACKEND_CHOICES)}")
     model_dir = Path(model_dir)
     if is_gguf_path(model_dir):
         model = _load_gguf(model_dir, dtype=dtype, device=device, load_format=load_format, parallel=parallel,
                            expert_metrics=expert_metrics, quantization=quantization, moe_backend=moe_backend)
-        _resolve_attention(model, attention_backend, device, dtype, kv_cache_dtype)
+        model.attention_backend = attention_backend_for(model, attention_backend, device, dtype, kv_cache_dtype)
     else:
         model = _load_safetensors(model_dir, dtype=dtype, device=device, load_format=load_format, parallel=parallel,
                                   expert_metrics=expert_metrics, quantization=quantization, moe_backend=moe_backend,
@@ -84,11 +84,11 @@ def _load_safetensors(model_dir: Path, *, dtype: torch.dtype, device: torch.devi
         raise ValueError(f"--quantization {cpu_method} packs weights for the CPU kernels; on {device} use fp8")
     scheme = weight_scheme(config, None if cpu_method else quantization)
     entries = None if load_format == "dummy" else read_checkpoint_headers(model_dir)
-    moe_backend = resolve_moe_backend(moe_backend, device, dtype, fp8=scheme is not None,
-                                      has_moe_layers=bool(config.moe_layer_ids))
+    backend = resolve_moe_backend(moe_backend, device, dtype, fp8=scheme is not None,
+                                  has_moe_layers=bool(config.moe_layer_ids))
     model = build_model(config, scheme, dtype=dtype, device=device, parallel=parallel, expert_metrics=expert_metrics,
-                        moe_backend=moe_backend)
-    _resolve_attention(model, attention_backend, device, dtype, kv_cache_dtype)
+                        moe_backend=backend)
+    model.attention_backend = attention_backend_for(model, attention_backend, device, dtype, kv_cache_dtype)
     if entries is None:
         initialize_dummy_weights(model)
     else:
@@ -105,15 +105,6 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def _resolve_attention(model: Dots1ForCausalLM, attention_backend: str, device: torch.device | str,
-                       dtype: torch.dtype, kv_cache_dtype: torch.dtype | None) -> None:
-    attention = model.layers[0].self_attn
-    windows = tuple(sorted({layer.self_attn.window for layer in model.layers}, key=lambda w: w or 0))
-    model.attention_backend = resolve_attention_backend(attention_backend, device, dtype, kv_cache_dtype,
-                                                        attention.head_dim,
-                                                        attention.num_heads // attention.num_kv_heads, windows)
 
 
 def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device | str, load_format: str,
@@ -144,7 +135,7 @@ def weight_scheme(config: ModelConfig, quantization: str | None) -> Fp8Scheme | 
 
 def build_model(config: ModelConfig, scheme: Fp8Scheme | None, *, dtype: torch.dtype, device: torch.device | str,
                 parallel: ParallelState | None = None, expert_metrics: bool = False,
-                moe_backend: str = "torch") -> Dots1ForCausalLM:
+                moe_backend: MoEBackend | None = None) -> Dots1ForCausalLM:
     """The model with uninitialised weights, FP8 ones where ``scheme`` quantizes them."""
     options = dict(expert_metrics=expert_metrics, dtype=dtype, moe_backend=moe_backend)
     if scheme is None:

@@ -3,7 +3,8 @@
 Every graph reads its inputs from one set of static buffers (``StepInputs``) and writes its logits into one static
 ``[max batch, vocab]`` buffer. A step of B decodes is padded to the next captured size: padded rows decode token 0
 at position 0 of a sequence whose only block is the reserved padding block (context length 1), so they write and
-read nothing a real sequence owns. Prefill and mixed steps never come here.
+read nothing a real sequence owns, and the batch's ``real_tokens`` keeps them out of the expert counts. Prefill and
+mixed steps never come here.
 
 A graph is a small abstraction: ``CudaStepGraph`` on CUDA; ``EagerStepGraph`` re-runs the captured callable on the
 same static buffers, so the bookkeeping (padding, refills, output rows) is testable on a CPU.
@@ -106,7 +107,8 @@ class DecodeGraphRunner:
         start = time.perf_counter()
         for size in tqdm(list(reversed(self.sizes)), desc="capturing decode graphs", disable=not show_progress):
             self._write_inputs(None, size)
-            static = self.inputs.on_device.batch(size, size, size, [1] * size, [self.max_model_len] * size)
+            static = self.inputs.on_device.batch(size, size, size, [1] * size, [self.max_model_len] * size,
+                                                 padded=True)
 
             def run(static: ForwardBatch = static, size: int = size) -> None:
                 self.logits[:size].copy_(self.forward(static))
@@ -136,6 +138,7 @@ class DecodeGraphRunner:
             host.write(batch)
             num_seqs, num_logits = batch.num_seqs, int(batch.logits_indices.shape[0])
         padding = slice(num_seqs, size)
+        host.real_tokens[0] = num_seqs  # one token per decode
         host.input_ids[padding] = 0
         host.positions[padding] = 0
         host.slot_mapping[padding] = self.padding_slot

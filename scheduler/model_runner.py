@@ -100,7 +100,7 @@ class ModelExecutor:
 
     @property
     def moe_backend(self) -> str:
-        return self.model.moe_backend
+        return self.model.moe_backend.name
 
     @property
     def cuda_graphs(self) -> bool:

@@ -22,7 +22,7 @@ class BatchCapacity:
 
     @property
     def nbytes(self) -> int:
-        return 8 * (3 * self.max_tokens + self.max_logits) + 4 * (2 * self.max_seqs + 1 + self.max_seqs *
+        return 8 * (3 * self.max_tokens + self.max_logits + 1) + 4 * (2 * self.max_seqs + 1 + self.max_seqs *
                                                                   self.table_width)
 
     def holds(self, batch: ForwardBatch) -> bool:
@@ -39,6 +39,7 @@ class BatchViews:
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64
     logits_indices: torch.Tensor  # [L] int64
+    real_tokens: torch.Tensor  # [1] int64: tokens before a decode graph's padding rows (``ForwardBatch.real_tokens``)
     query_start_loc: torch.Tensor  # [B + 1] int32
     context_lens: torch.Tensor  # [B] int32
     block_tables: torch.Tensor  # [B, W] int32
@@ -47,13 +48,13 @@ class BatchViews:
     def over(buffer: torch.Tensor, capacity: BatchCapacity) -> "BatchViews":
         """Views into the uint8 ``buffer`` of ``capacity.nbytes`` bytes."""
         t, b, w, n_logits = capacity.max_tokens, capacity.max_seqs, capacity.table_width, capacity.max_logits
-        int64_bytes = 8 * (3 * t + n_logits)
+        int64_bytes = 8 * (3 * t + n_logits + 1)
         int64s = buffer[:int64_bytes].view(torch.int64)
         int32s = buffer[int64_bytes:capacity.nbytes].view(torch.int32)
-        input_ids, positions, slot_mapping, logits_indices = int64s.split([t, t, t, n_logits])
+        input_ids, positions, slot_mapping, logits_indices, real_tokens = int64s.split([t, t, t, n_logits, 1])
         query_start_loc, context_lens, tables = int32s.split([b + 1, b, b * w])
-        return BatchViews(input_ids, positions, slot_mapping, logits_indices, query_start_loc, context_lens,
-                          tables.view(b, w))
+        return BatchViews(input_ids, positions, slot_mapping, logits_indices, real_tokens, query_start_loc,
+                          context_lens, tables.view(b, w))
 
     def write(self, batch: ForwardBatch) -> None:
         """Writes ``batch`` into the leading entries (rows, columns) of every part."""
@@ -67,14 +68,15 @@ class BatchViews:
         self.block_tables[:b, :batch.block_tables.shape[1]].copy_(batch.block_tables)
 
     def batch(self, num_tokens: int, num_seqs: int, num_logits: int, query_lens_cpu: list[int],
-              context_lens_cpu: list[int]) -> ForwardBatch:
-        """A ForwardBatch over the leading entries; its block table has the full width."""
+              context_lens_cpu: list[int], padded: bool = False) -> ForwardBatch:
+        """A ForwardBatch over the leading entries; its block table has the full width. A ``padded`` one has its
+        real token count in ``real_tokens``."""
         return ForwardBatch(
             input_ids=self.input_ids[:num_tokens], positions=self.positions[:num_tokens],
             query_start_loc=self.query_start_loc[:num_seqs + 1], context_lens=self.context_lens[:num_seqs],
             block_tables=self.block_tables[:num_seqs], slot_mapping=self.slot_mapping[:num_tokens],
             logits_indices=self.logits_indices[:num_logits], query_lens_cpu=query_lens_cpu,
-            context_lens_cpu=context_lens_cpu,
+            context_lens_cpu=context_lens_cpu, real_tokens=self.real_tokens if padded else None,
         )
 
 

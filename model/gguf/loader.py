@@ -15,6 +15,7 @@ import torch
 from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
+from model.backend_selection import resolve_moe_backend
 from model.dots1 import Dots1ForCausalLM
 from model.fp8_storage import deferred_projection_weights
 from model.gguf.blocks import FLOAT_TYPES, dequantize, split_blocks
@@ -22,11 +23,11 @@ from model.gguf.config import config_from_gguf
 from model.gguf.reader import GGUFCheckpoint, GGUFTensor, read_metadata
 from model.gguf.tensor_map import Destination, tensor_destinations
 from model.linear import QuantizableProjection
-from model.moe import RoutedExperts
-from model.moe_backend import resolve_moe_backend
+from model.moe_backend import TorchMoEBackend
 from model.parallel import ParallelState
 from model.quant.packed import PackedQuantWeight, pack
 from model.quant.parts import stack_row_chunks
+from model.routed_experts import RoutedExperts
 
 logger = logging.getLogger(__name__)
 # Rows converted at once: bounds the temporary int tensors of a conversion to a few tens of MB.
@@ -49,11 +50,11 @@ def load_gguf_model(path: str | Path, *, dtype: torch.dtype, device: torch.devic
     if keep_quantized is None:
         keep_quantized = device.type == "cpu" and cpu_kernels_available()
     if keep_quantized:
-        moe_backend = "torch"  # the packed experts run the fused CPU kernel (``RoutedExperts.use_quantized``)
+        backend = TorchMoEBackend()  # runs packed experts with the fused CPU kernel (``RoutedExperts.use_quantized``)
     else:
-        moe_backend = resolve_moe_backend(moe_backend, device, dtype, fp8=False, has_moe_layers=config.has_moe_layers)
+        backend = resolve_moe_backend(moe_backend, device, dtype, fp8=False, has_moe_layers=config.has_moe_layers)
     with torch.device(device), deferred_projection_weights():
-        model = Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype, moe_backend=moe_backend)
+        model = Dots1ForCausalLM(config, parallel, expert_metrics=expert_metrics, dtype=dtype, moe_backend=backend)
     destinations = tensor_destinations(model)
     _check_tensors(checkpoint, destinations)
     grouped = _group_by_module(destinations)

@@ -5,7 +5,8 @@ from torch import nn
 
 from model.dots1 import Dots1ForCausalLM
 from model.linear import QuantizableProjection
-from model.moe import Dots1MoE, RoutedExperts
+from model.moe import Dots1MoE
+from model.routed_experts import RoutedExperts
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def quantize_model_weights(model: nn.Module, method: str) -> None:
     """Packs every projection, routed-expert stack and the LM head of a loaded CPU model with ``method``."""
     from model.embedding import ParallelLMHead
     from model.linear import QuantizableProjection
-    from model.moe import RoutedExperts
+    from model.routed_experts import RoutedExperts
 
     if method not in METHODS:
         raise ValueError(f"unknown CPU quantization {method!r}: use one of {', '.join(METHODS)}")

@@ -58,14 +58,18 @@ def test_w8a8_only_on_cuda_8_9_in_bfloat16_with_aligned_shapes():
 
 
 def test_a_failing_fast_path_falls_back_with_a_warning(monkeypatch, caplog):
-    assert fp8._self_check(torch.device("cpu"))  # the real _scaled_mm passes its check
+    monkeypatch.setattr(fp8, "_w8a8_checks", {})
+    passed = fp8.logged_w8a8_check(torch.device("cpu"))  # the real _scaled_mm passes its check
+    assert passed.passed and passed.check == "check_w8a8" and "relative error" in passed.detail
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image is available")
 
     monkeypatch.setattr(torch, "_scaled_mm", broken)
+    assert fp8.logged_w8a8_check(torch.device("cpu")) is passed  # once per device and process
     with caplog.at_level(logging.WARNING, logger="model.fp8"):
-        assert not fp8._self_check(torch.device("cpu"))
+        failed = fp8.logged_w8a8_check(torch.device("cpu", 1))
+    assert not failed.passed and failed.detail == "RuntimeError: no kernel image is available"
     assert "failed its self-check" in caplog.text and "no kernel image" in caplog.text
 
 

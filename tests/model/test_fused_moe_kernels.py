@@ -17,7 +17,8 @@ from model.kernels.moe.fp8_bits import e4m3_bits_to_scaled  # noqa: E402
 from model.kernels.moe.fused_moe import fused_moe, quantize_per_token  # noqa: E402
 from model.kernels.moe.self_check import check_fused_moe, moe_reference, quantize_weight_per_channel  # noqa: E402
 from model.kernels.moe.tile_config import TILE_CONFIGS, tile_config  # noqa: E402
-from model.moe_backend import resolve_moe_backend  # noqa: E402
+from model.backend_selection import resolve_moe_backend  # noqa: E402
+from model.self_check import SelfCheckResult  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3}
 
@@ -152,11 +153,13 @@ def test_tile_config_grows_with_the_token_count():
 
 
 def test_self_check_passes_here_and_reports_a_wrong_kernel(monkeypatch):
-    assert check_fused_moe("cpu", torch.float32, fp8=True) is None
+    passed = check_fused_moe("cpu", torch.float32, fp8=True)
+    assert passed.passed and passed.check == "check_fused_moe" and "fp8 weight-only" in passed.detail
+    assert 0.0 <= passed.max_abs_diff < 1e-4
     real = fused_moe_module.fused_moe
     monkeypatch.setattr(fused_moe_module, "fused_moe", lambda *args, **kwargs: real(*args, **kwargs) * 1.01)
     failure = check_fused_moe("cpu", torch.float32)
-    assert failure is not None and "off by" in failure
+    assert not failure.passed and "off by" in failure.detail and failure.max_abs_diff > 1e-4
 
 
 def test_failed_self_check_refuses_explicit_triton_and_auto_falls_back(monkeypatch, caplog):
@@ -164,12 +167,13 @@ def test_failed_self_check_refuses_explicit_triton_and_auto_falls_back(monkeypat
         raise RuntimeError("no kernel image for this device")
 
     monkeypatch.setattr(fused_moe_module, "fused_moe", broken)
-    with pytest.raises(ValueError, match="check_fused_moe.*no kernel image for this device"):
+    with pytest.raises(ValueError, match="--moe-backend triton: .*check_fused_moe.*no kernel image for this device"):
         resolve_moe_backend("triton", "cpu", torch.float32)
-    monkeypatch.setattr(self_check_module, "check_fused_moe", lambda *args, **kwargs: "no kernel image")
-    with caplog.at_level(logging.WARNING, logger="model.moe_backend"):
-        assert resolve_moe_backend("auto", "cuda", torch.float32) == "torch"  # auto checks on CUDA only
-    assert "check_fused_moe" in caplog.text and "using the torch backend" in caplog.text
-    assert resolve_moe_backend("auto", "cpu", torch.float32) == "torch"
-    with pytest.raises(ValueError, match="unknown moe_backend"):
+    monkeypatch.setattr(self_check_module, "check_fused_moe",
+                        lambda *args, **kwargs: SelfCheckResult("check_fused_moe", False, "no kernel image"))
+    with caplog.at_level(logging.WARNING, logger="model.backend_selection"):
+        assert resolve_moe_backend("auto", "cuda", torch.float32).name == "torch"  # auto checks on CUDA only
+    assert "check_fused_moe" in caplog.text and "using the torch MoE backend" in caplog.text
+    assert resolve_moe_backend("auto", "cpu", torch.float32).name == "torch"
+    with pytest.raises(ValueError, match="unknown MoE backend"):
         resolve_moe_backend("cutlass", "cpu", torch.float32)

@@ -12,10 +12,12 @@ from dots1_reference import build_reference, reference_generate
 from paged_runner import PagedRunner
 
 import model.attention_self_check as attention_self_check
-from model.attention_backend import resolve_attention_backend
+from model.attention_backend import TritonAttentionBackend
+from model.backend_selection import resolve_attention_backend
 from model.embedded import EMBEDDED_MODEL_DIR
 from model.kv_cache import FP8_KV_DTYPE
 from model.loader import load_model
+from model.self_check import SelfCheckResult
 
 TOLERANCE = 1e-4
 DECODE_STEPS = 4
@@ -103,16 +105,25 @@ def test_explicit_triton_that_cannot_run_refuses_to_load():
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "ValueError: --attention-backend triton: triton attention failed its self-check (check_triton_attention)" \
-        in result.stderr
+    assert ("ValueError: --attention-backend triton: the triton attention backend failed its self-check "
+            "(check_triton_attention)") in result.stderr
 
 
 def test_auto_falls_back_to_torch_with_a_warning_when_the_self_check_fails(monkeypatch, caplog):
     def broken(*args, **kwargs):
-        raise RuntimeError("no kernel image for this device")
+        return SelfCheckResult("check_triton_attention", False, "RuntimeError: no kernel image for this device")
 
     monkeypatch.setattr(attention_self_check, "check_triton_attention", broken)
-    with caplog.at_level(logging.WARNING, logger="model.attention_backend"):
+    with caplog.at_level(logging.WARNING, logger="model.backend_selection"):
         backend = resolve_attention_backend("auto", "cuda", torch.bfloat16)  # auto checks on CUDA only
     assert backend.name == "torch"
     assert "no kernel image for this device" in caplog.text and "using the torch attention backend" in caplog.text
+
+
+def test_self_check_passes_here_and_reports_a_wrong_kernel(monkeypatch):
+    passed = attention_self_check.check_triton_attention("cpu", torch.float32, head_dim=32, windows=(None, 6))
+    assert passed.passed and passed.check == "check_triton_attention" and 0.0 <= passed.max_abs_diff < 1e-4
+    real = TritonAttentionBackend.forward
+    monkeypatch.setattr(TritonAttentionBackend, "forward", lambda *args: real(*args) * 1.01)
+    failure = attention_self_check.check_triton_attention("cpu", torch.float32, head_dim=32)
+    assert not failure.passed and "differs from torch" in failure.detail and failure.max_abs_diff > 1e-4

@@ -11,14 +11,18 @@ from paged_runner import PagedRunner  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
 from model.loader import load_model  # noqa: E402
-from model.moe import Dots1MoE, RoutedExperts  # noqa: E402
+from model.expert_loading import ExpertWeightLoader  # noqa: E402
+from model.moe import Dots1MoE  # noqa: E402
+from model.moe_backend import TorchMoEBackend, TritonMoEBackend  # noqa: E402
 from model.parallel import ParallelState  # noqa: E402
+from model.routed_experts import RoutedExperts  # noqa: E402
 from model.weights import CheckpointTensor  # noqa: E402
 from scheduler.config import EngineConfig  # noqa: E402
 from scheduler.model_runner import ModelExecutor  # noqa: E402
 from server.cli import engine_config, parse_args  # noqa: E402
 
 DECODE_STEPS = 6
+BACKENDS = {"torch": TorchMoEBackend(), "triton": TritonMoEBackend()}
 
 
 def moe_config(**overrides) -> ModelConfig:
@@ -41,10 +45,9 @@ def random_expert_tensors(config: ModelConfig, seed: int = 0) -> dict[str, torch
     return tensors
 
 
-def loaded_experts(config: ModelConfig, parallel: ParallelState, backend: str,
-                   tensors: dict[str, torch.Tensor]) -> RoutedExperts:
-    experts = RoutedExperts(config, parallel, torch.float32, backend)
-    for key, target in experts.weight_targets("experts").items():
+def loaded_experts(config: ModelConfig, parallel: ParallelState, tensors: dict[str, torch.Tensor]) -> RoutedExperts:
+    experts = RoutedExperts(config, parallel, torch.float32)
+    for key, target in ExpertWeightLoader(experts).weight_targets("experts").items():
         if key in tensors and target.load is not None:
             target.load(CheckpointTensor.from_tensor(key, tensors[key]))
     return experts
@@ -66,15 +69,14 @@ def test_sharded_experts_sum_to_the_unsharded_result(expert_parallel):
     config = moe_config()
     tensors = random_expert_tensors(config)
     x, weights, expert_ids = route(config, num_tokens=10)
-    full = loaded_experts(config, ParallelState(), "torch", tensors)
-    pair_counts = torch.bincount(expert_ids.view(-1), minlength=config.n_routed_experts)
-    expected = full(x, weights, expert_ids, pair_counts)
+    full = loaded_experts(config, ParallelState(), tensors)
+    expected = BACKENDS["torch"].compute(full, x, weights, expert_ids)
     total = torch.zeros_like(expected)
     for rank in range(2):
         shard = loaded_experts(config, ParallelState(rank=rank, world_size=2, expert_parallel=expert_parallel),
-                               "triton", tensors)
+                               tensors)
         assert shard.w13.shape == ((8, 32, 32) if expert_parallel else (16, 16, 32))
-        part = shard.forward_fused(x, weights, expert_ids)
+        part = BACKENDS["triton"].compute(shard, x, weights, expert_ids)
         assert (part - expected).abs().max() > 1e-2  # one shard alone is not the answer
         total += part
     assert (total - expected).abs().max().item() < 1e-5
@@ -84,12 +86,12 @@ def test_sharded_experts_sum_to_the_unsharded_result(expert_parallel):
 def test_group_limited_layer_matches_the_torch_backend(dtype):
     config = moe_config()
     torch.manual_seed(0)
-    reference = Dots1MoE(config, ParallelState(), dtype, count_experts=True, backend="torch")
+    reference = Dots1MoE(config, ParallelState(), dtype, count_experts=True, backend=BACKENDS["torch"])
     with torch.no_grad():
         for param in reference.parameters():
             param.copy_(0.3 * torch.randn(param.shape))
         reference.gate.weight.mul_(5.0)
-    fused = Dots1MoE(config, ParallelState(), dtype, count_experts=True, backend="triton")
+    fused = Dots1MoE(config, ParallelState(), dtype, count_experts=True, backend=BACKENDS["triton"])
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(12, config.hidden_size).to(dtype)
 
@@ -123,8 +125,8 @@ SYNCING_OPS = {"aten.bincount.default", "aten.nonzero.default", "aten.index.Tens
 
 def test_triton_layer_reads_nothing_back_to_the_host(monkeypatch):
     config = moe_config()
-    layers = {backend: Dots1MoE(config, ParallelState(), torch.float32, count_experts=True, backend=backend)
-              for backend in ("torch", "triton")}
+    layers = {name: Dots1MoE(config, ParallelState(), torch.float32, count_experts=True, backend=backend)
+              for name, backend in BACKENDS.items()}
     x = torch.randn(6, config.hidden_size)
     recorded = {}
     for backend, layer in layers.items():
@@ -159,7 +161,8 @@ def checkpoint(tmp_path_factory):
 def test_model_on_the_triton_backend_matches_transformers(checkpoint):
     model_dir, prompts, expected = checkpoint
     model = load_model(model_dir, dtype=torch.float32, device="cpu", moe_backend="triton", expert_metrics=True)
-    assert all(model.layers[layer].mlp.experts.backend == "triton" for layer in model.moe_layer_ids)
+    assert all(model.layers[layer].mlp.backend.name == "triton" for layer in model.moe_layer_ids)
+    assert model.moe_backend.name == "triton" and model.moe_backend.graph_safe
     runner = PagedRunner(model, seed=4)
     logits = runner.step(dict(enumerate(prompts)), all_logits=True)
     for seq, (actual, (prompt_logits, _, _)) in enumerate(zip(logits, expected)):
@@ -185,7 +188,7 @@ def test_engine_config_reaches_the_model(checkpoint):
         parse_args(["--moe-backend", "cuda"])
     executor = ModelExecutor(EngineConfig(model=str(model_dir), dtype="float32", device="cpu",
                                           kv_cache_memory=1 << 20, moe_backend="triton"))
-    assert executor.model.layers[1].mlp.experts.backend == "triton"
+    assert executor.model.layers[1].mlp.backend.name == executor.moe_backend == "triton"
     assert executor.model.layers[1].mlp.experts.w13.shape == (12, 32, 32)  # stacked, unpacked: what kernels read
     default = ModelExecutor(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", kv_cache_memory=1 << 20))
-    assert default.model.layers[1].mlp.experts.backend == "torch"  # auto on the CPU
+    assert default.model.layers[1].mlp.backend.name == default.moe_backend == "torch"  # auto on the CPU
