@@ -1,18 +1,21 @@
-"""The engine's host time per step (schedule + prepare + sample + post-process: everything but the forward pass)
-at 256 running decode sequences, on the embedded model.
+"""The engine core's host time per decode step (schedule + prepare + sample + post-process: everything but the
+forward pass) and its host-to-device transfers per step, on the embedded model, at 1, 64 and 256 running sequences,
+greedy and with penalties plus top-p (half the rows seeded).
 
-The forward (``executor.execute``) is timed separately and subtracted from each pure-decode step of the full batch.
-The same script measures an older checkout's engine (``LLMEngine``, which also detokenized inside its step) when
-DOTS_SERVE_REPO points at it; on this one it also times the front end's share (``OutputProcessor.process``:
-detokenization and stop strings), which now runs outside the engine.
+Each forward (``executor.execute``) is timed and subtracted from its step; only steps where every sequence decodes
+count. Transfers: on a CPU nothing moves, so the script counts what would: every tensor the step builds from host
+data outside ``ForwardBatch.build`` (on CUDA each is a copy to the device; the forward's inputs travel in one pinned
+copy, ``scheduler/step_inputs.py``), plus that one copy.
 
-    .venv/bin/python bench/engine_step_bench.py
-    DOTS_SERVE_REPO=/path/to/old/checkout .venv/bin/python bench/engine_step_bench.py
+    .venv/bin/python bench/engine_step_bench.py                          # this checkout
+    .venv/bin/python bench/engine_step_bench.py --before /path/to/old    # both, interleaved, one table
 """
 import argparse
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,52 +28,49 @@ from scheduler.config import EngineConfig  # noqa: E402
 from scheduler.sampling_params import SamplingParams  # noqa: E402
 
 PROMPT_TOKEN_LIMIT = 4089  # ordinary tokens of the embedded tokenizer
+FORWARD_INPUTS_FILE = "forward_batch.py"  # its tensors go to the device in StepInputs' one copy
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-seqs", type=int, default=256)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--mixed", action="store_true", help="half the requests sample (top-p, penalties, seeds)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+class HostTensorCounter:
+    """Counts ``torch.tensor`` calls (host data made into a tensor) while active, by the file that made them."""
+
+    def __init__(self) -> None:
+        self.by_file: dict[str, int] = {}
+        self._real = torch.tensor
+
+    def __enter__(self) -> "HostTensorCounter":
+        def counting(*args, **kwargs):
+            caller = Path(sys._getframe(1).f_code.co_filename).name
+            self.by_file[caller] = self.by_file.get(caller, 0) + 1
+            return self._real(*args, **kwargs)
+
+        torch.tensor = counting
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        torch.tensor = self._real
+
+    def transfers(self) -> int:
+        return 1 + sum(count for name, count in self.by_file.items() if name != FORWARD_INPUTS_FILE)
+
+
+def measure(num_seqs: int, mixed: bool, steps: int, prompt_len: int) -> dict:
+    from scheduler.core_messages import EngineCoreRequest  # noqa: PLC0415
+    from scheduler.engine_core import EngineCore  # noqa: PLC0415
+    from scheduler.request_check import check_request  # noqa: PLC0415
+
     rng = random.Random(0)
-    config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=args.num_seqs, max_num_batched_tokens=16384,
+    config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=num_seqs, max_num_batched_tokens=16384,
                           kv_cache_memory=512 << 20, expert_metrics=False)
-    prompts = [[rng.randrange(PROMPT_TOKEN_LIMIT) for _ in range(args.prompt_len)] for _ in range(args.num_seqs)]
-    params = [
-        SamplingParams(temperature=0.8, top_p=0.9, presence_penalty=0.5, seed=i, max_tokens=args.steps + 8,
-                       ignore_eos=True) if args.mixed and i % 2 else
-        SamplingParams(temperature=0.0, max_tokens=args.steps + 8, ignore_eos=True)
-        for i in range(args.num_seqs)
-    ]
-    try:
-        from scheduler.engine_core import EngineCore  # noqa: PLC0415
-    except ImportError:
-        EngineCore = None
-    if EngineCore is not None:
-        from scheduler.core_messages import EngineCoreRequest  # noqa: PLC0415
-        from scheduler.output_processor import OutputProcessor  # noqa: PLC0415
-        from scheduler.request_check import check_request  # noqa: PLC0415
-        from scheduler.tokenizer import load_tokenizer  # noqa: PLC0415
-        engine = EngineCore(config)
-        processor = OutputProcessor(load_tokenizer(config.model))
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            info = engine.info
-            resolved = check_request(prompt, p, info.vocab_size, info.max_model_len, info.sampling_defaults)
-            processor.add(f"r{i}", prompt, resolved)
-            engine.add_request(EngineCoreRequest(f"r{i}", prompt, resolved, time.monotonic()))
-        label = "EngineCore (this checkout)"
-    else:
-        from scheduler.engine import LLMEngine  # noqa: PLC0415
-        engine = LLMEngine(config)
-        processor = None
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            engine.add_request(f"r{i}", prompt, p)
-        label = "LLMEngine (older checkout: detokenizes in its step)"
-
+    engine = EngineCore(config)
+    info = engine.info
+    for i in range(num_seqs):
+        prompt = [rng.randrange(PROMPT_TOKEN_LIMIT) for _ in range(prompt_len)]
+        params = (SamplingParams(temperature=0.8, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.2,
+                                 seed=i if i % 2 else None, max_tokens=steps + 8, ignore_eos=True) if mixed else
+                  SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True))
+        resolved = check_request(prompt, params, info.vocab_size, info.max_model_len, info.sampling_defaults)
+        engine.add_request(EngineCoreRequest(f"r{i}", prompt, resolved, time.monotonic()))
     forward_s: list[float] = []
     real_execute = engine.executor.execute
 
@@ -81,28 +81,62 @@ def main() -> None:
         return logits
 
     engine.executor.execute = timed_execute
-    host, front = [], []
-    for _ in range(args.steps + 2):
+    host_s, transfers = [], []
+    for _ in range(steps + 2):
         forward_s.clear()
-        start = time.perf_counter()
-        outputs = engine.step()
-        total = time.perf_counter() - start
-        if processor is not None:
+        decoding = all(seq.num_computed_tokens >= prompt_len for seq in engine.scheduler.running)
+        with HostTensorCounter() as counter:
             start = time.perf_counter()
-            processor.process(outputs)
-            front_s = time.perf_counter() - start
-        num_running = len(engine.scheduler.running)
-        if forward_s and num_running == args.num_seqs and all(s.num_computed_tokens > args.prompt_len
-                                                             for s in engine.scheduler.running):
-            host.append(total - forward_s[0])
-            if processor is not None:
-                front.append(front_s)
-    print(f"{label}: {args.num_seqs} running decode sequences{' (mixed sampling)' if args.mixed else ' (greedy)'}, "
-          f"{len(host)} steps, {args.threads} torch thread(s)")
-    print(f"engine host time per step: median {statistics.median(host) * 1000:.2f} ms, "
-          f"mean {statistics.fmean(host) * 1000:.2f} ms")
-    if front:
-        print(f"front end (detokenize, stop strings) per step: median {statistics.median(front) * 1000:.2f} ms")
+            engine.step()
+            total = time.perf_counter() - start
+        if decoding and forward_s and len(engine.scheduler.running) == num_seqs:
+            host_s.append(total - forward_s[0])
+            transfers.append(counter.transfers())
+    engine.shutdown()
+    return {"host_ms": statistics.median(host_s) * 1000, "transfers": statistics.median(transfers),
+            "steps": len(host_s)}
+
+
+def compare(before: str, sizes: list[int], steps: int, prompt_len: int) -> None:
+    """One child process per measurement, before and after alternating, so both see the same machine."""
+    print("| running decodes | sampling | before: host ms/step | after: host ms/step | ratio | "
+          "before: transfers/step | after: transfers/step |")
+    print("|---|---|---|---|---|---|---|")
+    for num_seqs in sizes:
+        for mixed in (False, True):
+            results = {}
+            for label, repo in (("before", before), ("after", str(Path(__file__).resolve().parents[1]))):
+                command = [sys.executable, __file__, "--num-seqs", str(num_seqs), "--steps", str(steps),
+                           "--prompt-len", str(prompt_len), "--json", *(["--mixed"] if mixed else [])]
+                output = subprocess.run(command, env={**os.environ, "DOTS_SERVE_REPO": repo}, check=True,
+                                        capture_output=True, text=True).stdout
+                results[label] = json.loads(output.strip().splitlines()[-1])
+            b, a = results["before"], results["after"]
+            print(f"| {num_seqs} | {'penalties + top-p' if mixed else 'greedy'} | {b['host_ms']:.2f} | "
+                  f"{a['host_ms']:.2f} | {b['host_ms'] / a['host_ms']:.2f}x | {b['transfers']:g} | "
+                  f"{a['transfers']:g} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-seqs", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--mixed", action="store_true", help="penalties and top-p (half the rows seeded)")
+    parser.add_argument("--before", help="an older checkout to measure in the same run (child processes)")
+    parser.add_argument("--json", action="store_true", help="one measurement, as a JSON line (used by --before)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.before:
+        compare(args.before, args.num_seqs, args.steps, args.prompt_len)
+        return
+    for num_seqs in args.num_seqs:
+        result = measure(num_seqs, args.mixed, args.steps, args.prompt_len)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{num_seqs} decodes ({'penalties + top-p' if args.mixed else 'greedy'}): host "
+                  f"{result['host_ms']:.2f} ms/step, {result['transfers']:g} transfers/step ({result['steps']} steps)")
 
 
 if __name__ == "__main__":

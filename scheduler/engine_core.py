@@ -57,7 +57,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.scheduling_policy)
         self.device = self.executor.device
-        self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
+        self.sampler = Sampler(config.max_num_seqs, self.model_config.vocab_size, self.device,
+                               torch.Generator(self.device).manual_seed(config.seed))
         self.info = EngineInfo(
             vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
             num_kv_blocks=self.num_kv_blocks, device=str(self.device),
@@ -102,7 +103,7 @@ class EngineCore:
             deltas = []
             for index in indices:
                 if (delta := request.end_choice(index, item.reason)) is not None:
-                    self.scheduler.finish(request.seqs[index])
+                    self._finish_seq(request.seqs[index])
                     deltas.append(delta)
             if deltas:
                 self._pending.append(request.make_output(deltas))
@@ -178,8 +179,8 @@ class EngineCore:
     ) -> SamplerOutput | None:
         """The step's one sampling point: logits rows of ``plan.sample_seqs`` -> one token each.
 
-        Grammar masks apply first (logprobs are those of the masked logits). A batch that fails to sample is
-        sampled again row by row, so that only the requests whose rows fail do.
+        Grammar masks apply first (logprobs are those of the masked logits). A batch that fails to sample fails
+        its requests once (a retry would count penalties and draw from seeded generators a second time).
         """
         if not plan.sample_seqs:
             return None
@@ -193,20 +194,11 @@ class EngineCore:
                 failed.setdefault(plan.sample_seqs[row].request_id, f"grammar masks failed: {error!r}")
         try:
             return self.sampler.sample(rows, plan.sample_seqs)
-        except Exception:
-            logger.exception("sampling the batch failed; sampling its rows one by one")
-        token_ids: list[int] = []
-        logprobs = []
-        for row, seq in enumerate(plan.sample_seqs):
-            try:
-                one = self.sampler.sample(rows[row : row + 1], [seq])
-                token_ids.append(one.token_ids[0])
-                logprobs.append(one.logprobs[0])
-            except Exception as error:
+        except Exception as error:  # the batch fails once: no retry that would count penalties or draw seeds twice
+            logger.exception("sampling the batch failed; failing its requests")
+            for seq in plan.sample_seqs:
                 failed.setdefault(seq.request_id, f"sampling failed: {error!r}")
-                token_ids.append(-1)
-                logprobs.append(None)
-        return SamplerOutput(token_ids, logprobs)
+            return None
 
     def _apply_samples(
         self, seqs: list[Sequence], sampled: SamplerOutput | None, failed: dict[str, str]
@@ -254,7 +246,7 @@ class EngineCore:
             seq.needs_prompt_logprobs = False  # the prompt is complete
             self._fork_choices(request)
         if delta.finish_reason is not None:
-            self.scheduler.finish(seq)
+            self._finish_seq(seq)
         return delta
 
     def _add(self, core_request: EngineCoreRequest) -> None:
@@ -268,7 +260,6 @@ class EngineCore:
         if not resolved.ignore_eos:
             stop_token_ids.update(self.generation_defaults.eos_token_ids)
         seqs = []
-        prompt_seen = None
         for index in range(resolved.n):
             seq = Sequence(
                 seq_id=next(self._seq_ids), request_id=request_id, index=index, token_ids=list(prompt),
@@ -276,11 +267,8 @@ class EngineCore:
                 needs_prompt_logprobs=index == 0 and resolved.prompt_logprobs is not None,
                 priority=core_request.priority,
             )
-            seq.sampling = build_sampling_state(
-                resolved, prompt, self.info.vocab_size, self.info.eos_token_ids, self.device,
-                self._choice_generator(resolved.seed, index), prompt_seen,
-            )
-            prompt_seen = seq.sampling.prompt_seen
+            seq.sampling = build_sampling_state(resolved, self.info.vocab_size, self.info.eos_token_ids, self.device,
+                                                self._choice_generator(resolved.seed, index))
             seqs.append(seq)
         self.structured_output.add(seqs)  # the grammar compiles off the step; until then the request waits
         arrival = core_request.arrival_time
@@ -313,7 +301,12 @@ class EngineCore:
                 logger.exception("prompt logprobs of request %s failed", seq.request_id)
                 failed.setdefault(seq.request_id, f"prompt logprobs failed: {error!r}")
 
+    def _finish_seq(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self.sampler.release(seq)
+
     def _on_preempted(self, seq: Sequence) -> None:
+        self.sampler.release(seq)  # its penalty counts are rebuilt from its tokens when it samples again
         request = self._requests[seq.request_id]
         request.stats.num_preemptions += 1
         if seq.needs_prompt_logprobs:
@@ -322,7 +315,7 @@ class EngineCore:
     def _end_request(self, request: Request, reason: str, error: str | None = None) -> CoreRequestOutput:
         for seq in request.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq)
+                self._finish_seq(seq)
         output = request.make_output(request.end_unfinished(reason), error=error)
         self._finalize(request)
         return output

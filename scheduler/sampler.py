@@ -6,15 +6,18 @@ draws token i with probability p_i). Seeded rows draw their noise from their own
 the same tokens whatever else is in the batch. Logprobs come from the logits as handed in: the model's, after
 any grammar mask, before bias, bans and penalties.
 
-Every per-request tensor (bias, bans, penalty counts, generator) lives on the sequence's ``SamplingState``, built at
-admission. Decisions use host-side parameters only: the one device-to-host copy is the sampled tokens (and one more
-for the logprobs, when asked).
+Per-request parameters and penalty counts live in ``SamplingBatch`` slots, written when a sequence first samples
+(and again after a preemption); a step gathers its rows by slot index. Host-to-device traffic per step is the one
+copy of those indices (none for an all-greedy batch without penalties); device-to-host, the sampled tokens (and the
+logprobs, when asked).
 """
 from dataclasses import dataclass
 
 import torch
 
 from scheduler.outputs import TokenLogprob
+from scheduler.sampler_inputs import SamplerInputs
+from scheduler.sampling_batch import SamplingBatch
 from scheduler.sampling_state import SamplingState
 from scheduler.sequence import Sequence
 
@@ -26,63 +29,81 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, generator: torch.Generator | None = None) -> None:
+    def __init__(self, max_num_seqs: int, vocab_size: int, device: torch.device,
+                 generator: torch.Generator | None = None) -> None:
         self.generator = generator  # noise for unseeded rows
+        self.batch = SamplingBatch(max_num_seqs, vocab_size, device)
+        self.inputs = SamplerInputs(max_num_seqs, device)
+
+    def release(self, seq: Sequence) -> None:
+        """``seq`` finished or was preempted: its slot is free (it rejoins, counts rebuilt, if it samples again)."""
+        if seq.sampling is not None:
+            self.batch.leave(seq.sampling)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """``logits``: [B, V] float32 raw model logits, row i for ``seqs[i]`` (whose ``sampling`` is set)."""
         states = [seq.sampling for seq in seqs]
-        device = logits.device
+        for seq, state in zip(seqs, states):
+            if state.slot is None:
+                self.batch.join(state, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids)
+        sampled_rows = [row for row, state in enumerate(states) if not state.greedy]
+        penalized = any(state.uses_penalties for state in states)
+        slots = draw_rows = None
+        if sampled_rows or penalized:
+            slots, draw_rows = self.inputs.load([state.slot for state in states], sampled_rows)
         raw_logits = logits
-        if any(s.bias_ids is not None or s.min_tokens_ban is not None or s.uses_penalties for s in states):
+        if penalized or any(s.bias_ids is not None or s.min_tokens_ban is not None for s in states):
             logits = logits.clone()  # the raw logits stay for the logprobs
         _apply_logit_bias(logits, states)
         _ban_stop_tokens_before_min_tokens(logits, seqs)
-        _apply_penalties(logits, states)
+        if penalized:
+            logits = self._apply_penalties(logits, slots, states)
 
-        greedy_rows = [row for row, state in enumerate(states) if state.greedy]
-        sampled_rows = [row for row, state in enumerate(states) if not state.greedy]
         if not sampled_rows:
             token_ids = logits.argmax(dim=-1)  # [B]
+        elif len(sampled_rows) == len(states):
+            token_ids = self._draw(logits, slots, states)
         else:
-            token_ids = torch.empty(len(seqs), dtype=torch.int64, device=device)
-            if greedy_rows:
-                rows = _index(greedy_rows, device)
-                token_ids[rows] = logits[rows].argmax(dim=-1)
-            token_ids[_index(sampled_rows, device)] = self._draw(logits, [states[row] for row in sampled_rows], sampled_rows)
-        _count_outputs(states, token_ids)
+            token_ids = logits.argmax(dim=-1)
+            token_ids[draw_rows] = self._draw(logits[draw_rows], slots[draw_rows], [states[r] for r in sampled_rows])
+        if penalized:  # counts every row's token; rows without penalties never read theirs
+            self.batch.output_counts.index_put_((slots, token_ids), torch.ones_like(token_ids, dtype=torch.float32),
+                                                accumulate=True)
         token_list = token_ids.tolist()
-        return SamplerOutput(token_list, _token_logprobs(raw_logits, token_ids, token_list, states))
+        return SamplerOutput(token_list, _token_logprobs(raw_logits, token_list, states))
 
-    def _draw(self, logits: torch.Tensor, states: list[SamplingState], rows: list[int]) -> torch.Tensor:
-        device = logits.device
-        temperatures = torch.tensor([s.params.temperature for s in states], dtype=torch.float32, device=device)
-        scaled = logits[_index(rows, device)] / temperatures.unsqueeze(1)  # [R, V]
+    def _apply_penalties(self, logits: torch.Tensor, slots: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Every row at once: rows without penalties have the neutral values (1, 0, 0), which change nothing."""
+        batch = self.batch
+        counts = batch.output_counts[slots]  # [B, V]
+        if any(state.params.repetition_penalty != 1.0 for state in states):
+            seen = (counts > 0) | batch.prompt_seen[slots]
+            penalty = batch.repetition_penalty[slots].unsqueeze(1)
+            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        frequency = batch.frequency_penalty[slots].unsqueeze(1)
+        presence = batch.presence_penalty[slots].unsqueeze(1)
+        return logits - frequency * counts - presence * (counts > 0).float()
+
+    def _draw(self, logits: torch.Tensor, slots: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """``logits`` [R, V] of rows that draw at random, ``slots`` [R] their slots."""
+        batch = self.batch
+        scaled = logits / batch.temperature[slots].unsqueeze(1)  # [R, V]
         if any(s.masks_top_k_top_p for s in states):
-            scaled = _mask_top_k_top_p(scaled, states)
+            scaled = _mask_top_k_top_p(scaled, batch.top_k[slots], batch.top_p[slots])
         probs = torch.softmax(scaled, dim=-1)  # [R, V]
         if any(s.params.min_p > 0 for s in states):
-            min_p = torch.tensor([s.params.min_p for s in states], dtype=torch.float32, device=device)
             max_probs = probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < min_p.unsqueeze(1) * max_probs, 0.0)
-        return (probs / self._exponential_noise(states, probs.shape[1], device)).argmax(dim=-1)
+            probs = probs.masked_fill(probs < batch.min_p[slots].unsqueeze(1) * max_probs, 0.0)
+        return (probs / self._exponential_noise(states, probs.shape[1], probs.device)).argmax(dim=-1)
 
     def _exponential_noise(self, states: list[SamplingState], vocab_size: int, device: torch.device) -> torch.Tensor:
         noise = torch.empty(len(states), vocab_size, dtype=torch.float32, device=device)
-        unseeded = [row for row, state in enumerate(states) if state.generator is None]
-        if len(unseeded) == len(states):
-            return noise.exponential_(generator=self.generator)
-        if unseeded:
-            draw = torch.empty(len(unseeded), vocab_size, dtype=torch.float32, device=device)
-            noise[_index(unseeded, device)] = draw.exponential_(generator=self.generator)
+        if any(state.generator is None for state in states):
+            noise.exponential_(generator=self.generator)
         for row, state in enumerate(states):
-            if state.generator is not None:
+            if state.generator is not None:  # its own draws only: the same tokens whatever the batch
                 noise[row].exponential_(generator=state.generator)
         return noise
-
-
-def _index(rows: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
 def _apply_logit_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
@@ -101,74 +122,40 @@ def _ban_stop_tokens_before_min_tokens(logits: torch.Tensor, seqs: list[Sequence
         return
     rows = torch.cat([torch.full_like(ban, row) for row, ban in banned])
     cols = torch.cat([ban for _, ban in banned])
-    logits.index_put_((rows, cols), torch.tensor(float("-inf"), device=logits.device))
+    logits[rows, cols] = float("-inf")  # a scalar: no tensor copied to the device
 
 
-def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
-    penalized = [row for row, state in enumerate(states) if state.uses_penalties]
-    if not penalized:
-        return
-    device = logits.device
-    rows = _index(penalized, device)
-    chosen = [states[row] for row in penalized]
-    counts = torch.stack([s.output_counts for s in chosen])  # [P, V]
-    values = logits[rows]  # [P, V]
-    if any(s.params.repetition_penalty != 1.0 for s in chosen):
-        seen = counts > 0
-        for i, state in enumerate(chosen):
-            if state.prompt_seen is not None:
-                seen[i] |= state.prompt_seen
-        penalty = torch.tensor([s.params.repetition_penalty for s in chosen], dtype=torch.float32, device=device)
-        penalty = penalty.unsqueeze(1)
-        values = torch.where(seen, torch.where(values > 0, values / penalty, values * penalty), values)
-    frequency = torch.tensor([s.params.frequency_penalty for s in chosen], dtype=torch.float32, device=device)
-    presence = torch.tensor([s.params.presence_penalty for s in chosen], dtype=torch.float32, device=device)
-    values = values - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0).float()
-    logits[rows] = values
-
-
-def _count_outputs(states: list[SamplingState], token_ids: torch.Tensor) -> None:
-    """Adds each sampled token to its row's output counts, on the device (no sync)."""
-    counted = [row for row, state in enumerate(states) if state.output_counts is not None]
-    if not counted:
-        return
-    one = torch.ones(1, dtype=torch.float32, device=token_ids.device)
-    for row in counted:
-        states[row].output_counts.index_add_(0, token_ids[row : row + 1], one)
-
-
-def _mask_top_k_top_p(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """Sets to -inf what top-k and top-p (1.0 disables) exclude, per row. ``logits``: [R, V]."""
+def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Sets to -inf what top-k and top-p (1.0 disables) exclude, per row. ``logits``: [R, V]; ``top_k`` [R] int64
+    (the vocabulary size disables it), ``top_p`` [R] float32."""
     vocab_size = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1)  # ascending: [R, V]
     # top-k: keep values >= the k-th largest.
-    kth_index = torch.tensor([vocab_size - min(s.top_k, vocab_size) for s in states], device=logits.device).unsqueeze(1)
+    kth_index = (vocab_size - top_k.clamp(max=vocab_size)).unsqueeze(1)
     kth_value = sorted_logits.gather(1, kth_index)  # [R, 1]
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_value, float("-inf"))
     # top-p: drop the low tail whose total probability is at most 1 - top_p; the most likely token always stays.
     probs = torch.softmax(sorted_logits, dim=-1)
     tail_mass = probs.cumsum(dim=-1)
-    top_p = torch.tensor([s.params.top_p for s in states], dtype=torch.float32, device=logits.device).unsqueeze(1)
-    drop = tail_mass <= 1.0 - top_p
+    drop = tail_mass <= 1.0 - top_p.unsqueeze(1)
     drop[:, -1] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
-
 def _token_logprobs(
-    raw_logits: torch.Tensor, token_ids: torch.Tensor, token_list: list[int], states: list[SamplingState]
+    raw_logits: torch.Tensor, token_list: list[int], states: list[SamplingState]
 ) -> list[TokenLogprob | None]:
     rows = [row for row, state in enumerate(states) if state.params.logprobs is not None]
     results: list[TokenLogprob | None] = [None] * len(states)
     if not rows:
         return results
-    index = _index(rows, raw_logits.device)
+    if len(rows) < len(states):  # some rows only: one more small copy, for requests that asked for logprobs
+        raw_logits = raw_logits[torch.tensor(rows, dtype=torch.int64, device=raw_logits.device)]
     top_ks = [states[row].params.logprobs for row in rows]
     chosen = [token_list[row] for row in rows]
-    for row, logprob in zip(rows, logprobs_with_top(raw_logits[index], chosen, top_ks)):
+    for row, logprob in zip(rows, logprobs_with_top(raw_logits, chosen, top_ks)):
         results[row] = logprob
     return results
-
 
 def logprobs_with_top(raw_logits: torch.Tensor, token_ids: list[int], top_ks: list[int]) -> list[TokenLogprob]:
     """Log-softmax of ``raw_logits`` [N, V]: each row's ``token_ids`` entry and its ``top_ks`` most likely tokens.

@@ -1,5 +1,5 @@
-"""A request whose post-processing fails (sampling, token handling, detokenization) fails alone; a forward that fails
-once fails its batch; the rest go on."""
+"""A request whose post-processing fails (token handling, detokenization) fails alone; a forward or a sampling step
+that fails once fails its batch; the rest go on."""
 import asyncio
 import time
 from collections.abc import Iterator
@@ -69,19 +69,31 @@ def test_failing_token_handling_in_the_core_fails_that_request_alone(engine: Asy
     wait_idle(engine)
 
 
-def test_failing_sampling_of_one_row_fails_that_request_alone(engine: AsyncEngine, monkeypatch) -> None:
+def test_a_failing_sampling_step_fails_its_batch_once(engine: AsyncEngine, monkeypatch) -> None:
+    """No row-by-row retry: it would count penalties and draw from seeded generators a second time."""
     sampler = engine.client.core.sampler
     real = sampler.sample
+    failed_batches: list[set[str]] = []
 
     def sample(logits, seqs):
         if any(seq.request_id == "bad-sample" and seq.num_output_tokens >= 1 for seq in seqs):
+            failed_batches.append({seq.request_id for seq in seqs})
             raise RuntimeError("injected sampler bug")
         return real(logits, seqs)
 
     monkeypatch.setattr(sampler, "sample", sample)
-    assert_only_failed(run_three(engine, "bad-sample"), "bad-sample", "injected sampler bug")
+    results = run_three(engine, "bad-sample")
+    assert len(failed_batches) == 1 and "bad-sample" in failed_batches[0]
+    for request_id, outputs in results.items():
+        last = outputs[-1]
+        assert last.finished
+        if request_id in failed_batches[0]:
+            assert "injected sampler bug" in last.error and last.outputs[-1].finish_reason == "error"
+        else:
+            assert last.error is None and sum(len(d.token_ids) for o in outputs for d in o.outputs) == 6
     assert engine.is_alive
     wait_idle(engine)
+    assert sampler.batch.num_free_slots == sampler.batch.max_num_seqs  # the failed rows gave their slots back
 
 
 def test_failing_detokenization_in_the_front_end_fails_that_request_alone(engine: AsyncEngine, monkeypatch) -> None:

@@ -24,22 +24,29 @@ class PendingSeq:
         seq = self.seq
         if seq.sampling is None:
             generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-            seq.sampling = build_sampling_state(seq.params, seq.token_ids, vocab_size, [EOS], torch.device("cpu"),
-                                                generator)
-            for token in self.output:  # outputs so far, counted as the sampler counts its own
-                seq.token_ids.append(token)
-                if seq.sampling.output_counts is not None:
-                    seq.sampling.output_counts[token] += 1
+            seq.sampling = build_sampling_state(seq.params, vocab_size, [EOS], torch.device("cpu"), generator)
+            seq.token_ids.extend(self.output)  # outputs so far: the sampler counts them when the sequence joins
         return seq
 
 
-class Sampler(BatchSampler):
+class Sampler:
+    """The engine's sampler, sized for the largest batch so far (its vocabulary is the logits' width). Sequences
+    leave their slots after every batch, as if preempted: they rejoin with counts rebuilt from their tokens."""
+
     def __init__(self, eos_token_ids: list[int], generator: torch.Generator | None = None) -> None:
         assert eos_token_ids == [EOS]
-        super().__init__(generator)
+        self.generator = generator
+        self.sampler: BatchSampler | None = None
 
-    def sample(self, logits: torch.Tensor, seqs: list[PendingSeq]):
-        return super().sample(logits, [s.admit(logits.shape[1]) for s in seqs])
+    def sample(self, logits: torch.Tensor, pending: list[PendingSeq]):
+        if self.sampler is None or self.sampler.batch.max_num_seqs < len(pending):
+            self.sampler = BatchSampler(len(pending), logits.shape[1], logits.device, self.generator)
+        seqs = [s.admit(logits.shape[1]) for s in pending]
+        try:
+            return self.sampler.sample(logits, seqs)
+        finally:
+            for seq in seqs:
+                self.sampler.release(seq)
 
 
 def seq_with(output: list[int] | None = None, prompt: list[int] | None = None, seed: int | None = None, **params: object):
@@ -194,3 +201,20 @@ def test_penalty_counts_follow_the_sampled_tokens_across_steps() -> None:
     first = sampler.sample(logits, [pending]).token_ids  # the sampler counts token 0 itself
     pending.seq.token_ids.extend(first)
     assert first == [0] and sampler.sample(logits, [pending]).token_ids == [1]
+
+
+def test_a_reused_slot_starts_clean_and_a_rejoining_sequence_gets_its_counts_back() -> None:
+    sampler = BatchSampler(1, 4, torch.device("cpu"))
+    logits = torch.tensor([[3.0, 2.0, 1.8, 0.0]])
+    penalised = seq_with([0, 0], prompt=[1], temperature=0.0, frequency_penalty=1.0, repetition_penalty=2.0)
+    first = penalised.admit(4)
+    assert sampler.sample(logits, [first]).token_ids == [2]  # 0: 3 / 2 - 2 = -0.5; 1 (prompt): 2 / 2; 2: 1.8
+    sampler.release(first)
+    assert sampler.batch.num_free_slots == 1
+    plain = seq_with([], prompt=[3], temperature=0.0, frequency_penalty=2.0, repetition_penalty=4.0).admit(4)
+    assert sampler.sample(logits, [plain]).token_ids == [0]  # nothing of the previous occupant's counts or prompt
+    sampler.release(plain)
+    first.token_ids.append(2)
+    assert sampler.sample(logits, [first]).token_ids == [1]  # counts rebuilt from its outputs: 0 twice, 2 once
+    with pytest.raises(RuntimeError, match="sampling slots"):
+        sampler.sample(logits, [seq_with(temperature=0.0).admit(4)])
