@@ -12,19 +12,10 @@ GIB = 2**30
 GRAPH_POOL_SLACK_BYTES = 256 << 20
 # The sampler's per-slot vectors (temperature, top-k, top-p, min-p, three penalties, seed, min_tokens, lengths and
 # flags), each at most 8 bytes: a generous count, so that a new vector does not silently outgrow the plan.
-SAMPLING_SLOT_VECTORS = 16
 
 
 class MemoryPlanError(ValueError):
     """The card's share cannot hold the weights, the activations and the KV cache together."""
-
-
-def sampling_state_bytes(max_num_seqs: int, vocab_size: int) -> int:
-    """Bytes of the sampler's persistent per-slot state: float32 penalty counts and a bool prompt-seen mask, each
-    [max_num_seqs, vocab], plus the per-slot parameter vectors."""
-    counts = max_num_seqs * vocab_size * 4
-    prompt_seen = max_num_seqs * vocab_size * 1
-    return counts + prompt_seen + max_num_seqs * SAMPLING_SLOT_VECTORS * 8
 
 
 def graph_memory_estimate(model: ModelConfig, max_num_seqs: int, dtype: torch.dtype) -> int:

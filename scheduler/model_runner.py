@@ -18,8 +18,9 @@ from model.loader import load_model, weight_breakdown, weight_summary
 from model.parallel import ParallelState
 from scheduler.config import EngineConfig
 from scheduler.cuda_graph_runner import DecodeGraphRunner, StepGraph, cuda_graph_factory
-from scheduler.memory_plan import MemoryPlan, check_utilization, graph_memory_estimate, sampling_state_bytes
+from scheduler.memory_plan import MemoryPlan, check_utilization, graph_memory_estimate
 from scheduler.memory_profile import CudaMemory, DeviceMemory, ProfileShape, profile_memory
+from scheduler.sampling_batch import sampling_batch_bytes
 from scheduler.step_inputs import BatchCapacity, StepInputs
 
 logger = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class ModelExecutor:
             total_bytes=profile.total_bytes, utilization=config.gpu_memory_utilization,
             weight_bytes=profile.weight_bytes, activation_peak_bytes=profile.activation_peak_bytes,
             non_torch_bytes=profile.non_torch_bytes, graph_bytes=graph_reserve,
-            sampling_state_bytes=sampling_state_bytes(config.max_num_seqs, self.model_config.vocab_size),
+            sampling_state_bytes=sampling_batch_bytes(config.max_num_seqs, self.model_config.vocab_size),
         )
         logger.info("rank %d: %s", self.parallel.rank, plan.describe())
         return plan

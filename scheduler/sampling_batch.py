@@ -13,9 +13,13 @@ import torch
 from scheduler.sampling_state import SamplingState
 
 
+# Per slot: temperature, top_p, min_p and three penalties (float32), top_k (int64), greedy (bool).
+SLOT_VECTOR_BYTES = 6 * 4 + 8 + 1
+
+
 def sampling_batch_bytes(max_num_seqs: int, vocab_size: int) -> int:
-    """Device memory of the per-slot state: counts (4 bytes) and prompt mask (1 byte) per token, 8 small vectors."""
-    return max_num_seqs * (vocab_size * 5 + 8 * 8)
+    """Device memory of the per-slot state: counts (4 bytes) and prompt mask (1 byte) per token, and the vectors."""
+    return max_num_seqs * (vocab_size * 5 + SLOT_VECTOR_BYTES)
 
 
 class SamplingBatch:

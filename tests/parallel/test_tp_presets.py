@@ -11,7 +11,8 @@ from model.config import ModelConfig
 from model.dots1 import Dots1ForCausalLM
 from model.kv_cache import kv_cache_bytes_per_block
 from model.parallel import ParallelState
-from scheduler.memory_plan import GIB, MemoryPlan, graph_memory_estimate, sampling_state_bytes
+from scheduler.memory_plan import GIB, MemoryPlan, graph_memory_estimate
+from scheduler.sampling_batch import sampling_batch_bytes
 from server.cli import engine_config, parse_args
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -80,7 +81,7 @@ def check_memory_plan(text: str, config: ModelConfig, engine, weights_per_rank: 
         total_bytes=int(card), utilization=engine.gpu_memory_utilization, weight_bytes=weights_per_rank,
         activation_peak_bytes=prefill_activation_estimate(config, engine.max_num_batched_tokens, world_size),
         non_torch_bytes=OUTSIDE_PYTORCH, graph_bytes=graph_memory_estimate(config, engine.max_num_seqs, torch.bfloat16),
-        sampling_state_bytes=sampling_state_bytes(engine.max_num_seqs, config.vocab_size),
+        sampling_state_bytes=sampling_batch_bytes(engine.max_num_seqs, config.vocab_size),
     )
     assert round(plan.budget_bytes / GIB, 2) == stated(text, "budget")
     assert round(plan.activation_peak_bytes / GIB, 2) == stated(text, "activation peak")

@@ -12,9 +12,10 @@ from model.forward_batch import ForwardBatch
 from model.kv_cache import kv_cache_bytes_per_block
 from scheduler.config import EngineConfig
 from scheduler.cuda_graph_runner import EagerStepGraph
-from scheduler.memory_plan import GIB, MemoryPlan, MemoryPlanError, check_utilization, sampling_state_bytes
+from scheduler.memory_plan import GIB, MemoryPlan, MemoryPlanError, check_utilization
 from scheduler.memory_profile import KVCaches, ProfileShape, profile_memory, profile_prompts
 from scheduler.model_runner import CPU_KV_CACHE_BYTES, ModelExecutor
+from scheduler.sampling_batch import SamplingBatch, sampling_batch_bytes
 
 CONFIG = dict(
     vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
@@ -110,10 +111,12 @@ def test_utilization_outside_zero_to_one_is_refused(utilization):
     check_utilization(0.05)
 
 
-def test_sampling_state_bytes_counts_the_penalty_counts_the_prompt_mask_and_the_slot_vectors():
-    assert sampling_state_bytes(256, 152064) == 256 * 152064 * (4 + 1) + 256 * 16 * 8
-    assert sampling_state_bytes(256, 152064) / GIB == pytest.approx(0.1813, abs=1e-4)
-    assert sampling_state_bytes(0, 152064) == 0
+def test_sampling_state_bytes_are_what_the_sampling_batch_allocates():
+    batch = SamplingBatch(4, 97, torch.device("cpu"))
+    allocated = sum(tensor.nbytes for tensor in vars(batch).values() if isinstance(tensor, torch.Tensor))
+    assert sampling_batch_bytes(4, 97) == allocated
+    assert sampling_batch_bytes(256, 152064) / GIB == pytest.approx(0.1813, abs=1e-4)
+    assert sampling_batch_bytes(0, 152064) == 0
 
 
 def test_the_profiling_step_fills_the_token_budget_within_the_context_length():
@@ -181,8 +184,8 @@ def test_the_executor_sizes_the_kv_cache_from_the_plan(model_dir):
     assert plan is not None and plan.total_bytes == 2 * GIB and plan.utilization == 0.5
     assert plan.weight_bytes == 100 * MIB and plan.activation_peak_bytes == 200 * MIB
     assert plan.non_torch_bytes == 300 * MIB and plan.graph_bytes == 0
-    assert plan.sampling_state_bytes == sampling_state_bytes(4, 97)
-    assert plan.kv_cache_bytes == GIB - 600 * MIB - sampling_state_bytes(4, 97)
+    assert plan.sampling_state_bytes == sampling_batch_bytes(4, 97)
+    assert plan.kv_cache_bytes == GIB - 600 * MIB - sampling_batch_bytes(4, 97)
     bytes_per_block = kv_cache_bytes_per_block(executor.model_config, 4, torch.float32, executor.parallel)
     assert executor.num_kv_blocks == plan.kv_cache_bytes // bytes_per_block
     assert executor.kv_caches[0][0].shape[0] == executor.num_kv_blocks
