@@ -3,9 +3,10 @@ forward pass) and its host-to-device transfers per step, on the embedded model, 
 greedy and with penalties plus top-p (half the rows seeded).
 
 Each forward (``executor.execute``) is timed and subtracted from its step; only steps where every sequence decodes
-count. Transfers: on a CPU nothing moves, so the script counts what would: every tensor the step builds from host
-data outside ``ForwardBatch.build`` (on CUDA each is a copy to the device; the forward's inputs travel in one pinned
-copy, ``scheduler/step_inputs.py``), plus that one copy.
+count. Transfers: on a CPU nothing moves, so the script counts what would: every tensor the engine (``scheduler/``)
+builds from host data during a step (on CUDA each is a copy to the device), plus the one pinned copy that carries the
+forward's inputs (``scheduler/step_inputs.py``). The model's own are left out: the torch MoE path (the CPU's) builds
+index tensors, the Triton path that CUDA runs builds none.
 
     .venv/bin/python bench/engine_step_bench.py                          # this checkout
     .venv/bin/python bench/engine_step_bench.py --before /path/to/old    # both, interleaved, one table
@@ -28,11 +29,12 @@ from scheduler.config import EngineConfig  # noqa: E402
 from scheduler.sampling_params import SamplingParams  # noqa: E402
 
 PROMPT_TOKEN_LIMIT = 4089  # ordinary tokens of the embedded tokenizer
-FORWARD_INPUTS_FILE = "forward_batch.py"  # its tensors go to the device in StepInputs' one copy
 
 
 class HostTensorCounter:
     """Counts ``torch.tensor`` calls (host data made into a tensor) while active, by the file that made them."""
+
+    engine_dir = f"{os.sep}scheduler{os.sep}"
 
     def __init__(self) -> None:
         self.by_file: dict[str, int] = {}
@@ -40,7 +42,7 @@ class HostTensorCounter:
 
     def __enter__(self) -> "HostTensorCounter":
         def counting(*args, **kwargs):
-            caller = Path(sys._getframe(1).f_code.co_filename).name
+            caller = sys._getframe(1).f_code.co_filename
             self.by_file[caller] = self.by_file.get(caller, 0) + 1
             return self._real(*args, **kwargs)
 
@@ -51,17 +53,20 @@ class HostTensorCounter:
         torch.tensor = self._real
 
     def transfers(self) -> int:
-        return 1 + sum(count for name, count in self.by_file.items() if name != FORWARD_INPUTS_FILE)
+        return 1 + sum(count for path, count in self.by_file.items() if self.engine_dir in path)
 
 
-def measure(num_seqs: int, mixed: bool, steps: int, prompt_len: int) -> dict:
+def measure(num_seqs: int, mixed: bool, steps: int, prompt_len: int, device: str = "cpu",
+            dtype: str = "float32", model: str | None = None) -> dict:
+    """Median host time and transfers per pure-decode step; ``model`` defaults to the embedded checkpoint."""
     from scheduler.core_messages import EngineCoreRequest  # noqa: PLC0415
     from scheduler.engine_core import EngineCore  # noqa: PLC0415
     from scheduler.request_check import check_request  # noqa: PLC0415
 
     rng = random.Random(0)
-    config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=num_seqs, max_num_batched_tokens=16384,
-                          kv_cache_memory=512 << 20, expert_metrics=False)
+    config = EngineConfig(dtype=dtype, device=device, max_num_seqs=num_seqs, max_num_batched_tokens=16384,
+                          kv_cache_memory=512 << 20, expert_metrics=False,
+                          **({"model": model} if model is not None else {}))
     engine = EngineCore(config)
     info = engine.info
     for i in range(num_seqs):
@@ -77,6 +82,8 @@ def measure(num_seqs: int, mixed: bool, steps: int, prompt_len: int) -> dict:
     def timed_execute(batch):
         start = time.perf_counter()
         logits = real_execute(batch)
+        if logits.is_cuda:
+            torch.cuda.synchronize()  # the device's time is the forward's, not the host's
         forward_s.append(time.perf_counter() - start)
         return logits
 

@@ -330,6 +330,21 @@ def engine_benchmark(table: Table, device: str, dry_run: bool, scratch: Path) ->
               f"{reference.output_tokens / reference.elapsed_s:.0f} tok/s: {ratio:.2f}x", ">= 5x Transformers")
 
 
+def engine_host_time(table: Table, device: str, dry_run: bool) -> None:
+    """The engine core's own time per decode step (everything but the forward) on the embedded model, and the
+    host-to-device transfers of a step (bench/engine_step_bench.py)."""
+    import engine_step_bench
+
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    sizes, steps = ((1, 8), 4) if dry_run else ((1, 64, 256), 30)
+    for num_seqs in sizes:
+        for mixed in (False, True):
+            result = engine_step_bench.measure(num_seqs, mixed, steps, 32, device, dtype)
+            table.add(f"engine host time, {num_seqs} decodes, {'penalties + top-p' if mixed else 'greedy'}",
+                      f"{result['host_ms']:.2f} ms/step, {result['transfers']:g} host-to-device transfers/step",
+                      "1 transfer/step (greedy)" if not mixed else "")
+
+
 def _write_tiny(model_dir: Path, config: dict) -> None:
     from transformers import Dots1Config
     from transformers import Dots1ForCausalLM as Reference
@@ -368,6 +383,8 @@ def main() -> None:
         real_architecture(table, device, args.dry_run, scratch, bandwidth)
         with table.section("engine benchmark"):
             engine_benchmark(table, device, args.dry_run, scratch)
+        with table.section("engine host time per step"):
+            engine_host_time(table, device, args.dry_run)
     print(f"\n{name}, {time.perf_counter() - start:.0f} s\n" + "\n".join(table.rows), flush=True)
 
 

@@ -1,9 +1,9 @@
 """The engine core: requests in, one scheduled forward + sampling per ``step()``, one batch of outputs out.
 
-It owns the executor, the scheduler, the KV block manager and the sampler, and knows token ids only. It runs
-in its own process behind ``MultiprocessClient`` (the server) or in the caller's process behind ``InprocClient``.
+It owns the executor, the scheduler, the KV block manager and the sampler, and knows token ids only; requests are
+built by ``RequestBuilder`` and the step's statistics by ``StepReporter``. It runs in its own process behind
+``MultiprocessClient`` (the server) or in the caller's process behind ``InprocClient``.
 """
-import itertools
 import logging
 import time
 
@@ -12,30 +12,30 @@ import torch
 from model.generation_config import load_generation_defaults
 from scheduler.block_manager import BlockManager
 from scheduler.config import EngineConfig
+from scheduler.context_length import resolve_max_model_len
 from scheduler.core_messages import (
     ChoiceDelta, CoreRequestOutput, EngineCoreOutputs, EngineCoreRequest, EngineInfo, FinishChoice,
 )
 from scheduler.device_check import check_device
 from scheduler.executor_factory import create_executor
 from scheduler.faults import InjectedFault, fires_at
-from scheduler.kv_event_publisher import KVEventPublisher
-from scheduler.kv_events import AllBlocksCleared
+from scheduler.kv_event_publisher import start_kv_event_publisher
 from scheduler.outputs import EngineDeadError, RequestRejected
+from scheduler.prompt_logprobs import record_prompt_logprobs
 from scheduler.request import Request
+from scheduler.request_builder import RequestBuilder
 from scheduler.request_check import check_request
-from scheduler.sampler import Sampler, SamplerOutput, logprobs_with_top
-from scheduler.sampling_state import build_sampling_state
+from scheduler.sampler import Sampler, SamplerOutput
 from scheduler.scheduler import Scheduler, SchedulerOutput
 from scheduler.sequence import Sequence
-from scheduler.stats import RequestStats, StepStats
 from scheduler.step_plan import StepPlan, plan_step
+from scheduler.step_report import StepReporter
 from scheduler.structured_output.factory import create_structured_output
 from scheduler.structured_output.manager import GrammarOutcome, PendingMasks
 from scheduler.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-EXPERT_COUNTS_FLUSH_S = 1.0
 GRAMMAR_WAIT_S = 0.01  # nothing could run: wait this long for a compiling grammar before the next step
 
 
@@ -50,7 +50,8 @@ class EngineCore:
         self.model_config = self.executor.model_config
         self.num_kv_blocks = self.executor.num_kv_blocks
         self.generation_defaults = load_generation_defaults(config.model)
-        self.max_model_len = self._resolve_max_model_len(config)
+        self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config.max_position_embeddings,
+                                                   self.num_kv_blocks * config.block_size)
         publishes_kv_events = config.kv_events_config is not None and config.kv_events_config.publishes
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                                           record_events=publishes_kv_events)
@@ -74,17 +75,13 @@ class EngineCore:
         self.structured_output = create_structured_output(
             load_tokenizer(config.model), self.model_config.vocab_size, self.generation_defaults.eos_token_ids
         )
+        self.builder = RequestBuilder(self.model_config.vocab_size, self.info.eos_token_ids, self.max_model_len,
+                                      self.device)
+        self.report = StepReporter(self.executor, self.scheduler, self.block_manager)
         self._requests: dict[str, Request] = {}
-        self._seq_ids = itertools.count()
         self._pending: list[CoreRequestOutput] = []  # outputs of aborts and failed adds, sent with the next step
-        self._finished_stats: list[RequestStats] = []
         self._num_forwards = 0
-        self._num_grammar_rejections = 0  # in the current step
-        # Reports the (all zero) counts once at start-up, so every (layer, expert) series exists before traffic and
-        # a rate over the first requests sees them as an increase.
-        self._last_expert_flush = time.monotonic()
-        self._expert_counts = self._take_expert_counts()
-        self.kv_events = self._start_kv_events(config) if publishes_kv_events else None  # last: it binds sockets
+        self.kv_events = start_kv_event_publisher(config) if publishes_kv_events else None  # last: binds sockets
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Admits a request; one that fails the check ends at once with an error output (the front end checked it)."""
@@ -133,12 +130,12 @@ class EngineCore:
             outputs += self._run(sched)
         step = None
         if sched.scheduled or sched.preempted:
-            step = self._step_stats(sched, num_decode_tokens, time.monotonic() - started)
+            step = self.report.step_stats(sched, num_decode_tokens, time.monotonic() - started)
         else:
             self.structured_output.wait_for_compiles(GRAMMAR_WAIT_S)
         if self.kv_events is not None:
             self.kv_events.publish(self.block_manager.take_events())
-        return self._collect(outputs, step)
+        return self.report.collect(outputs, step, idle=not self._requests)
 
     def shutdown(self) -> None:
         self.abort_all()
@@ -170,7 +167,7 @@ class EngineCore:
                     for rid in batch_request_ids]
         self.scheduler.finish_step(sched)
         failed: dict[str, str] = {}
-        self._record_prompt_logprobs(plan, logits, failed)
+        record_prompt_logprobs(plan, logits, self._requests, failed)
         sampled = self._sample(plan, logits, masks, failed)
         return self._apply_samples(plan.sample_seqs, sampled, failed)
 
@@ -211,10 +208,11 @@ class EngineCore:
                     continue
                 request = self._requests[seq.request_id]
                 try:
-                    deltas.setdefault(request.request_id, []).append(self._postprocess(request, seq, token_id, logprob, now))
+                    delta = self._postprocess(request, seq, token_id, logprob, now)
+                    deltas.setdefault(request.request_id, []).append(delta)
                 except GrammarRejectedError as error:  # the mask allowed a token the matcher refuses
                     logger.error("request %s: %s", request.request_id, error)
-                    self._num_grammar_rejections += 1
+                    self.report.num_grammar_rejections += 1
                     failed[request.request_id] = str(error)
                 except Exception as error:  # this request fails alone
                     logger.exception("post-processing request %s failed", request.request_id)
@@ -253,32 +251,12 @@ class EngineCore:
         request_id = core_request.request_id
         if request_id in self._requests:
             raise RequestRejected(f"request id {request_id!r} is already in use", code="duplicate_request_id")
-        prompt = list(core_request.prompt_token_ids)
-        resolved = check_request(prompt, core_request.params, self.info.vocab_size, self.max_model_len,
-                                 self.info.sampling_defaults)
-        stop_token_ids = set(resolved.stop_token_ids)
-        if not resolved.ignore_eos:
-            stop_token_ids.update(self.generation_defaults.eos_token_ids)
-        seqs = []
-        for index in range(resolved.n):
-            seq = Sequence(
-                seq_id=next(self._seq_ids), request_id=request_id, index=index, token_ids=list(prompt),
-                num_prompt_tokens=len(prompt), params=resolved,
-                needs_prompt_logprobs=index == 0 and resolved.prompt_logprobs is not None,
-                priority=core_request.priority,
-            )
-            seq.sampling = build_sampling_state(resolved, self.info.vocab_size, self.info.eos_token_ids, self.device,
-                                                self._choice_generator(resolved.seed, index))
-            seqs.append(seq)
-        self.structured_output.add(seqs)  # the grammar compiles off the step; until then the request waits
-        arrival = core_request.arrival_time
-        self._requests[request_id] = Request(
-            request_id=request_id, params=resolved, seqs=seqs,
-            stats=RequestStats(request_id, arrival, len(prompt)),
-            stop_token_ids=frozenset(stop_token_ids), max_model_len=self.max_model_len,
-            prompt_logprobs=[None] if resolved.prompt_logprobs is not None else None,
-        )
-        self.scheduler.add(seqs[0])
+        resolved = check_request(list(core_request.prompt_token_ids), core_request.params, self.info.vocab_size,
+                                 self.max_model_len, self.info.sampling_defaults)
+        request = self.builder.build(core_request, resolved)
+        self.structured_output.add(request.seqs)  # the grammar compiles off the step; until then the request waits
+        self._requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
 
     def _fork_choices(self, request: Request) -> None:
         """Choices 1..n-1 start from choice 0's computed prompt blocks; each recomputes only the last partial block."""
@@ -288,18 +266,6 @@ class EngineCore:
         for child in children:
             self.block_manager.fork(parent, child, parent.num_prompt_tokens - 1)
         self.scheduler.add_forks(parent, children)
-
-    def _record_prompt_logprobs(self, plan: StepPlan, logits: torch.Tensor, failed: dict[str, str]) -> None:
-        for span in plan.prompt_logprob_spans:
-            seq = span.seq
-            try:
-                targets = seq.token_ids[span.first_position + 1 : span.first_position + 1 + span.num_rows]
-                rows = logits[span.first_row : span.first_row + span.num_rows]
-                k = seq.params.prompt_logprobs
-                self._requests[seq.request_id].prompt_logprobs.extend(logprobs_with_top(rows, targets, [k] * len(targets)))
-            except Exception as error:
-                logger.exception("prompt logprobs of request %s failed", seq.request_id)
-                failed.setdefault(seq.request_id, f"prompt logprobs failed: {error!r}")
 
     def _finish_seq(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
@@ -323,72 +289,4 @@ class EngineCore:
     def _finalize(self, request: Request) -> None:
         del self._requests[request.request_id]
         self.structured_output.release(request.seqs)
-        stats = request.stats
-        stats.finished_time = time.monotonic()
-        stats.finish_reason = next((r for r in ("error", "abort") if r in request.finish_reasons), request.finish_reasons[0])
-        stats.num_cached_tokens = request.num_cached_tokens
-        self._finished_stats.append(stats)
-
-    def _step_stats(self, sched: SchedulerOutput, num_decode: int, duration_s: float) -> StepStats:
-        return StepStats(
-            duration_s=duration_s,
-            num_seqs=len(sched.scheduled),
-            num_prefill_tokens=sched.num_tokens - num_decode,
-            num_decode_tokens=num_decode,
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=self.block_manager.usage(),
-            prefix_cache_queries=sched.prefix_cache_queries,
-            prefix_cache_hits=sched.prefix_cache_hits,
-            num_preemptions=len(sched.preempted),
-            num_grammar_rejections=self._take_grammar_rejections(),
-        )
-
-    def _take_grammar_rejections(self) -> int:
-        count, self._num_grammar_rejections = self._num_grammar_rejections, 0
-        return count
-
-    def _collect(self, outputs: list[CoreRequestOutput], step: StepStats | None) -> EngineCoreOutputs:
-        finished, self._finished_stats = self._finished_stats, []
-        expert_counts, self._expert_counts = self._expert_counts, None
-        now = time.monotonic()
-        if expert_counts is None and (not self._requests or now - self._last_expert_flush >= EXPERT_COUNTS_FLUSH_S):
-            expert_counts = self._take_expert_counts()
-        return EngineCoreOutputs(
-            outputs=outputs, num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=self.block_manager.usage(), step=step, finished_requests=finished,
-            expert_counts=expert_counts,
-        )
-
-    def _take_expert_counts(self) -> tuple[list[int], list[list[int]]] | None:
-        self._last_expert_flush = time.monotonic()
-        counts = self.executor.take_expert_counts()
-        if counts is None:
-            return None
-        layer_ids, tensor = counts
-        return layer_ids, tensor.tolist()
-
-    def _start_kv_events(self, config: EngineConfig) -> KVEventPublisher:
-        """The publisher, after a first AllBlocksCleared: whatever an indexer kept of this replica is stale."""
-        if not config.enable_prefix_caching:
-            logger.warning("KV cache events are enabled without prefix caching: no block is ever stored")
-        publisher = KVEventPublisher(config.kv_events_config, config.block_size)
-        publisher.publish([AllBlocksCleared()])
-        return publisher
-
-    def _choice_generator(self, seed: int | None, index: int) -> torch.Generator | None:
-        if seed is None:
-            return None
-        # Each choice gets its own stream; choice 0 uses the request's seed as given.
-        return torch.Generator(self.device).manual_seed((seed + index * 0x9E3779B97F4A7C15) % 2**64)
-
-    def _resolve_max_model_len(self, config: EngineConfig) -> int:
-        limit = self.model_config.max_position_embeddings
-        max_model_len = config.max_model_len if config.max_model_len is not None else limit
-        if not 1 <= max_model_len <= limit:
-            raise ValueError(f"max_model_len must be in [1, {limit}] (the model's max_position_embeddings), got {max_model_len}")
-        pool_tokens = self.num_kv_blocks * config.block_size
-        if max_model_len > pool_tokens:
-            logger.warning("max_model_len lowered from %d to %d: the KV cache holds no more", max_model_len, pool_tokens)
-            max_model_len = pool_tokens
-        return max_model_len
+        self.report.request_finished(request)

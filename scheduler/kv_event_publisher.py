@@ -15,7 +15,8 @@ from collections import deque
 
 import zmq
 
-from scheduler.kv_events import KVCacheEvent, encode_batch
+from scheduler.config import EngineConfig
+from scheduler.kv_events import AllBlocksCleared, KVCacheEvent, encode_batch
 from scheduler.kv_events_config import KVEventsConfig
 
 logger = logging.getLogger(__name__)
@@ -127,3 +128,12 @@ class KVEventPublisher:
         if self._replay is not None:
             self._replay.close(linger=linger_ms)
         self._context.term()
+
+
+def start_kv_event_publisher(config: EngineConfig) -> KVEventPublisher:
+    """The engine's publisher, after a first AllBlocksCleared: whatever an indexer kept of this replica is stale."""
+    if not config.enable_prefix_caching:
+        logger.warning("KV cache events are enabled without prefix caching: no block is ever stored")
+    publisher = KVEventPublisher(config.kv_events_config, config.block_size)
+    publisher.publish([AllBlocksCleared()])
+    return publisher

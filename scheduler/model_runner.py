@@ -17,6 +17,7 @@ from model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block, resolve_
 from model.loader import load_model, weight_breakdown, weight_summary
 from model.parallel import ParallelState
 from scheduler.config import EngineConfig
+from scheduler.context_length import requested_max_model_len
 from scheduler.cuda_graph_runner import DecodeGraphRunner, StepGraph, cuda_graph_factory
 from scheduler.memory_plan import MemoryPlan, check_utilization, graph_memory_estimate
 from scheduler.memory_profile import CudaMemory, DeviceMemory, ProfileShape, profile_memory
@@ -47,7 +48,7 @@ class ModelExecutor:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.model_config = ModelConfig.from_pretrained(config.model)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = requested_max_model_len(config.max_model_len, self.model_config.max_position_embeddings)
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype,
                                                      self.model_config.has_kv_cache_scales)
         self.model = load_model(
