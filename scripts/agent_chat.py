@@ -18,7 +18,10 @@ NAMES = ["Ruth", "David", "Anna", "John", "Mary", "Peter", "Sarah", "Thomas", "A
          "Paul", "Martha", "Daniel", "Lydia", "Samuel", "Hannah", "Tom", "Emma", "Jacob", "Rachel", "Noah", "Leah"]
 CITIES = ["Paris", "London", "Rome", "Berlin", "Madrid", "Tokyo", "Cairo", "Lisbon", "Vienna", "Dublin", "Oslo",
           "Athens", "Boston", "Denver", "Chicago", "Seattle", "Sydney", "Toronto", "Jerusalem", "Nazareth", "Prague",
-          "Warsaw", "Zurich", "Austin", "Dallas", "Miami", "Delhi", "Lima", "Quito", "York"]
+          "Warsaw", "Zurich", "Austin", "Dallas", "Miami", "Delhi", "Lima", "Quito", "York", "Naples", "Munich",
+          "Geneva", "Bergen", "Milan", "Venice", "Hamburg", "Kyoto", "Osaka", "Seoul", "Manila", "Nairobi", "Accra",
+          "Dakar", "Tunis", "Havana", "Bogota", "Santiago", "Phoenix", "Portland", "Ottawa", "Montreal",
+          "Glasgow", "Leeds", "Bristol", "Cardiff", "Krakow", "Riga", "Tallinn", "Helsinki", "Bethel", "Damascus"]
 COUNTRIES = ["France", "England", "Italy", "Germany", "Spain", "Japan", "Egypt", "Portugal", "Austria", "Ireland",
              "Norway", "Greece", "Canada", "Israel", "Peru", "India", "Chile", "Kenya"]
 TITLES = ["The Sea", "Good News", "The Long Road", "Morning Light", "The Garden", "Bread and Wine", "The Shepherd",
@@ -203,8 +206,17 @@ def tool_definition(kind: ToolKind, rng: random.Random) -> tuple[dict[str, Any],
     return {"type": "function", "function": function}, argument, has_unit
 
 
+def joined_question(questions: list[str]) -> str:
+    """One question, or two asked at once: "What is the weather in Paris, and what time is it in Rome?"."""
+    if len(questions) == 1:
+        return questions[0]
+    first, second = questions
+    return f"{first.rstrip('?.!')}, and {second[0].lower()}{second[1:]}"
+
+
 def tool_turns(rng: random.Random, plain_turn: Callable[[random.Random], tuple[str, str]]) -> Conversation:
-    """Tools offered; the question fits one of them (a call, sometimes the result and an answer) or none."""
+    """Tools offered; the question fits one of them, or two at once (one call each; sometimes the results and an
+    answer that uses them), or none (a plain answer)."""
     kinds = rng.sample(TOOL_KINDS, 1 if rng.random() < 0.6 else 2)
     offered = [tool_definition(kind, rng) for kind in kinds]
     tools = [tool for tool, _, _ in offered]
@@ -215,19 +227,23 @@ def tool_turns(rng: random.Random, plain_turn: Callable[[random.Random], tuple[s
         user, answer = plain_turn(rng) if rng.random() < 0.6 else rng.choice(GREETING_TURNS)
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return Conversation(messages, tools)
-    index = rng.randrange(len(kinds))
-    kind, (tool, argument, has_unit) = kinds[index], offered[index]
-    value = kind.values(rng)
-    arguments: dict[str, Any] = {argument: value}
-    if has_unit:
-        arguments["unit"] = rng.choice(UNITS)
-    call = {"type": "function", "function": {"name": tool["function"]["name"], "arguments": arguments}}
-    messages += [{"role": "user", "content": rng.choice(kind.questions).format(value=value)},
-                 {"role": "assistant", "content": "", "tool_calls": [call]}]
-    if rng.random() < 0.5:
+    asked = [0, 1] if len(kinds) == 2 and rng.random() < 0.35 else [rng.randrange(len(kinds))]
+    questions, calls, results, answers = [], [], [], []
+    for index in asked:
+        kind, (tool, argument, has_unit) = kinds[index], offered[index]
+        value = kind.values(rng)
+        arguments: dict[str, Any] = {argument: value}
+        if has_unit:
+            arguments["unit"] = rng.choice(UNITS)
         result = kind.result(rng)
-        messages += [{"role": "tool", "content": compact(result)},
-                     {"role": "assistant", "content": kind.answer.format(value=value, **result)}]
+        questions.append(rng.choice(kind.questions).format(value=value))
+        calls.append({"type": "function", "function": {"name": tool["function"]["name"], "arguments": arguments}})
+        results.append({"role": "tool", "content": compact(result)})
+        answers.append(kind.answer.format(value=value, **result))
+    messages += [{"role": "user", "content": joined_question(questions)},
+                 {"role": "assistant", "content": "", "tool_calls": calls}]
+    if rng.random() < 0.5:
+        messages += results + [{"role": "assistant", "content": " ".join(answers)}]
     return Conversation(messages, tools)
 
 

@@ -86,7 +86,7 @@ class Hyper:
     steps = 600
     batch = 4
     seq_len = 1024  # a conversation with tools is 300 to 700 tokens, its tool list included
-    agent_share = 0.25  # of conversations: agent_chat's (JSON, tool calls, greetings); the rest are kjv_chat's
+    agent_share = 0.3  # of conversations: agent_chat's (JSON, tool calls, greetings); the rest are kjv_chat's
     lr = 3e-3
     min_lr_fraction = 0.1
     warmup_steps = 60
