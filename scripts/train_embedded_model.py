@@ -15,7 +15,7 @@ The router's correction bias is trained the auxiliary-loss-free way (DeepSeek-V3
 layer's bias moves up for experts that got fewer tokens than the mean and down for the others.
 
 Same seed, same torch build and CPU: the same bytes. The default run (600 steps of 4 x 1024 tokens, one thread)
-took TIMING minutes on a shared, loaded 2-core machine; on a quiet core it is several times faster.
+took 20 minutes on a shared, loaded 2-core machine; on a quiet core it is several times faster.
 """
 import argparse
 import json
