@@ -141,7 +141,7 @@ class ToolKind:
     """A kind of tool: its possible names and argument names, the questions that fit it, and how a result reads."""
     names: list[str]
     description: str
-    argument: list[str]  # names of the main argument, one picked per tool
+    argument_names: list[str]  # one is picked per tool
     values: Callable[[random.Random], str]
     questions: list[str]  # with {value}
     result: Callable[[random.Random], dict[str, Any]]
@@ -194,7 +194,7 @@ UNITS = ["celsius", "fahrenheit"]
 
 def tool_definition(kind: ToolKind, rng: random.Random) -> tuple[dict[str, Any], str, bool]:
     """An OpenAI tool of ``kind`` with a picked name and argument name; (tool, argument name, has a unit enum)."""
-    argument = rng.choice(kind.argument)
+    argument = rng.choice(kind.argument_names)
     properties: dict[str, Any] = {argument: {"type": "string"}}
     if rng.random() < 0.5:
         properties[argument]["description"] = f"The {argument}"

@@ -135,7 +135,7 @@ def packed_rows(conversations: Iterator[list[int]], rows_needed: int, hyper: typ
     """Rows of ``seq_len + 1`` tokens made of whole conversations, so a tool call always sees its tool list.
 
     A conversation that does not fit the rest of a row waits for the next row, where it goes first; a row is closed
-    after ``MAX_MISFITS`` conversations in a row did not fit, and its tail is padding (not trained on)."""
+    after ``MAX_MISFITS`` conversations did not fit it, and its tail is padding (not trained on)."""
     row_len = hyper.seq_len + 1
     rows: list[list[int]] = []
     waiting: list[list[int]] = []
