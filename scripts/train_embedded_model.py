@@ -1,17 +1,21 @@
-"""Train the embedded Dots1 checkpoint (Hugging Face format) on the King James Bible, deterministically.
+"""Train the embedded Dots1 checkpoint (Hugging Face format) on the King James Bible and on generated chat turns
+that teach the server's formats, deterministically.
 
     python scripts/train_embedded_model.py [--out DIR] [--seed N] [--steps N]
 
-Needs Debian's ``bible-kjv`` (``scripts/install-system-deps.sh``). Trains a byte-level BPE on the verses, formats
-them as Dots1 chat conversations (``kjv_chat.py``), trains Transformers' ``Dots1ForCausalLM`` on them on the CPU
-(fp32, two threads) and writes config.json, generation_config.json, model.safetensors (bf16 weights, fp32 router
-bias, per-expert layout), tokenizer.json and tokenizer_config.json to model/embedded/dots1-tiny/ by default.
+Needs Debian's ``bible-kjv`` (``scripts/install-system-deps.sh``). Trains a byte-level BPE on the verses (on them
+alone, so the tokenizer does not change with the chat mix), formats them as Dots1 chat conversations
+(``kjv_chat.py``), mixes in JSON answers, tool calls, replies to tool results and greetings (``agent_chat.py``,
+rendered with the server's ``dots1-tools.jinja``), packs whole conversations into rows, trains Transformers'
+``Dots1ForCausalLM`` on them on the CPU (fp32, one thread) and writes config.json, generation_config.json,
+model.safetensors (bf16 weights, fp32 router bias, per-expert layout), tokenizer.json and tokenizer_config.json to
+model/embedded/dots1-tiny/ by default.
 
 The router's correction bias is trained the auxiliary-loss-free way (DeepSeek-V3): after every step each MoE
 layer's bias moves up for experts that got fewer tokens than the mean and down for the others.
 
-Same seed, same torch build and CPU: the same bytes. The default run (600 steps of 16 x 256 tokens, one thread)
-took 29 minutes on a shared, heavily loaded 2-core machine; on a quiet core it is several times faster.
+Same seed, same torch build and CPU: the same bytes. The default run (600 steps of 4 x 1024 tokens, one thread)
+took 20 minutes on a shared, loaded 2-core machine; on a quiet core it is several times faster.
 """
 import argparse
 import json
@@ -19,16 +23,21 @@ import math
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import agent_chat
 import embedded_tokenizer as tok
 import kjv_chat
 import torch
 from safetensors.torch import save_file
-from transformers import Dots1Config, Dots1ForCausalLM
+from transformers import AutoTokenizer, Dots1Config, Dots1ForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "model" / "embedded" / "dots1-tiny"
+TOOL_TEMPLATE = REPO_ROOT / "server" / "chat_templates" / "dots1-tools.jinja"
+PADDING = -100  # the label of a row's unused tail: cross_entropy ignores it
+MAX_MISFITS = 8
 THREADS = 1  # the machine is shared: one thread never waits on a descheduled sibling at a barrier
 
 MODEL_CONFIG = {
@@ -75,8 +84,9 @@ GENERATION_CONFIG = {"bos_token_id": None, "eos_token_id": tok.EOS_TOKEN_IDS, "p
 
 class Hyper:
     steps = 600
-    batch = 16
-    seq_len = 256
+    batch = 4
+    seq_len = 1024  # a conversation with tools is 300 to 700 tokens, its tool list included
+    agent_share = 0.3  # of conversations: agent_chat's (JSON, tool calls, greetings); the rest are kjv_chat's
     lr = 3e-3
     min_lr_fraction = 0.1
     warmup_steps = 60
@@ -91,13 +101,58 @@ def tokenizer_texts(verses: list[kjv_chat.Verse]) -> list[str]:
     return [verse.text for verse in verses] + [verse.reference for verse in verses[::25]] + prompts
 
 
-def token_stream(tokenizer, verses: list[kjv_chat.Verse], tokens_needed: int, rng: random.Random) -> torch.Tensor:
-    """Conversations, tokenised and concatenated, until there are ``tokens_needed`` tokens."""
-    ids: list[int] = []
-    while len(ids) < tokens_needed:
+def kjv_conversation_ids(tokenizer, verses: list[kjv_chat.Verse], rng: random.Random) -> Iterator[list[int]]:
+    while True:
         for encoding in tokenizer.encode_batch(kjv_chat.conversations(verses, 2000, rng)):
-            ids.extend(encoding.ids)
-    return torch.tensor(ids[:tokens_needed], dtype=torch.long)
+            yield encoding.ids
+
+
+def agent_conversation_ids(chat_tokenizer, verses: list[kjv_chat.Verse], rng: random.Random) -> Iterator[list[int]]:
+    """``agent_chat``'s conversations, rendered by the server's tool template as the server renders requests."""
+    short = [i for i, verse in enumerate(verses) if len(verse.text.split()) <= kjv_chat.MAX_RESPONSE_WORDS]
+    template = TOOL_TEMPLATE.read_text(encoding="utf-8")
+
+    def plain_turn(turn_rng: random.Random) -> tuple[str, str]:
+        return kjv_chat.turn(verses, short, turn_rng)
+
+    while True:
+        for conversation in agent_chat.conversations(500, rng, plain_turn):
+            text = chat_tokenizer.apply_chat_template(conversation.messages, tools=conversation.tools or None,
+                                                      chat_template=template, tokenize=False)
+            yield chat_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def mixed_conversations(kjv: Iterator[list[int]], agent: Iterator[list[int]], rng: random.Random,
+                        hyper: type[Hyper]) -> Iterator[list[int]]:
+    """Conversations of both kinds in a seeded order; any too long for one row is left out."""
+    while True:
+        ids = next(agent) if rng.random() < hyper.agent_share else next(kjv)
+        if len(ids) <= hyper.seq_len + 1:
+            yield ids
+
+
+def packed_rows(conversations: Iterator[list[int]], rows_needed: int, hyper: type[Hyper]) -> torch.Tensor:
+    """Rows of ``seq_len + 1`` tokens made of whole conversations, so a tool call always sees its tool list.
+
+    A conversation that does not fit the rest of a row waits for the next row, where it goes first; a row is closed
+    after ``MAX_MISFITS`` conversations did not fit it, and its tail is padding (not trained on)."""
+    row_len = hyper.seq_len + 1
+    rows: list[list[int]] = []
+    waiting: list[list[int]] = []
+    while len(rows) < rows_needed:
+        row: list[int] = []
+        carried, waiting = waiting, []
+        misfits = 0
+        while misfits < MAX_MISFITS:
+            ids = carried.pop(0) if carried else next(conversations)
+            if len(row) + len(ids) <= row_len:
+                row.extend(ids)
+            else:
+                waiting.append(ids)
+                misfits += 1
+        waiting = carried + waiting
+        rows.append(row + [PADDING] * (row_len - len(row)))
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def learning_rate(step: int, hyper: type[Hyper]) -> float:
@@ -155,9 +210,8 @@ def optimizer(model: Dots1ForCausalLM, hyper: type[Hyper]) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=hyper.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def train(model: Dots1ForCausalLM, stream: torch.Tensor, hyper: type[Hyper], log) -> None:
-    chunk = hyper.seq_len + 1
-    batches = stream[: (stream.numel() // chunk) * chunk].view(-1, chunk)  # [N, S + 1]
+def train(model: Dots1ForCausalLM, batches: torch.Tensor, hyper: type[Hyper], log) -> None:
+    """``batches``: [steps * batch, seq_len + 1] packed rows, PADDING in their unused tails."""
     load = ExpertLoad(model)
     opt = optimizer(model, hyper)
     model.train()
@@ -166,8 +220,9 @@ def train(model: Dots1ForCausalLM, stream: torch.Tensor, hyper: type[Hyper], log
         rows = batches[step * hyper.batch: (step + 1) * hyper.batch]  # [B, S + 1]
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, hyper)
-        logits = model(input_ids=rows[:, :-1]).logits  # [B, S, V]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten())
+        inputs = rows[:, :-1].masked_fill(rows[:, :-1] == PADDING, tok.ENDOFTEXT_ID)  # [B, S]
+        logits = model(input_ids=inputs).logits  # [B, S, V]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), ignore_index=PADDING)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hyper.grad_clip)
@@ -217,10 +272,15 @@ def build(out_dir: Path, seed: int, hyper: type[Hyper], log=print) -> None:
     write_json(out_dir / "generation_config.json", GENERATION_CONFIG)
     if hyper.steps == 0:
         return
-    stream = token_stream(tokenizer, verses, hyper.steps * hyper.batch * (hyper.seq_len + 1), random.Random(seed))
-    log(f"{len(verses)} verses, {stream.numel()} training tokens")
+    chat_tokenizer = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    rng = random.Random(seed)
+    conversations = mixed_conversations(kjv_conversation_ids(tokenizer, verses, rng),
+                                        agent_conversation_ids(chat_tokenizer, verses, rng), rng, hyper)
+    rows = packed_rows(conversations, hyper.steps * hyper.batch, hyper)
+    trained = int((rows[:, 1:] != PADDING).sum())
+    log(f"{len(verses)} verses, {rows.shape[0]} rows of {rows.shape[1]} tokens, {trained} trained positions")
     model = build_model(seed, hyper)
-    train(model, stream, hyper, log)
+    train(model, rows, hyper, log)
     save_file(checkpoint_weights(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
