@@ -118,11 +118,13 @@ class AsyncEngine:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float,
-        priority: int = 0,
+        priority: int = 0, checked: bool = False,
     ) -> RequestStream:
-        """Sends the request to the core; raises its validation errors here, before any output."""
+        """Sends the request to the core; raises its validation errors here, before any output. ``checked``:
+        ``params`` came from ``check_request`` already (the server checks each request once, and the core trusts
+        what a front end sends)."""
         self._raise_if_dead()
-        resolved = self.check_request(prompt_token_ids, params)
+        resolved = params if checked else self.check_request(prompt_token_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             self._raise_if_dead()

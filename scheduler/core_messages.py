@@ -13,7 +13,7 @@ from scheduler.stats import RequestStats, StepStats
 class EngineCoreRequest(msgspec.Struct, array_like=True):
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams  # resolved by the front end's check_request: the core trusts them
     arrival_time: float
     priority: int = 0  # lower runs first under the priority scheduling policy
 

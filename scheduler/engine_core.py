@@ -24,7 +24,6 @@ from scheduler.outputs import EngineDeadError, RequestRejected
 from scheduler.prompt_logprobs import record_prompt_logprobs
 from scheduler.request import Request
 from scheduler.request_builder import RequestBuilder
-from scheduler.request_check import check_request
 from scheduler.sampler import Sampler, SamplerOutput
 from scheduler.scheduler import Scheduler, SchedulerOutput
 from scheduler.sequence import Sequence
@@ -84,7 +83,8 @@ class EngineCore:
         self.kv_events = start_kv_event_publisher(config) if publishes_kv_events else None  # last: binds sockets
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        """Admits a request; one that fails the check ends at once with an error output (the front end checked it)."""
+        """Admits a request, trusting its parameters (a front end resolved them with ``check_request``); one that
+        cannot be admitted (a request id in use) ends at once with an error output."""
         try:
             self._add(request)
         except (RequestRejected, ValueError) as error:
@@ -251,9 +251,7 @@ class EngineCore:
         request_id = core_request.request_id
         if request_id in self._requests:
             raise RequestRejected(f"request id {request_id!r} is already in use", code="duplicate_request_id")
-        resolved = check_request(list(core_request.prompt_token_ids), core_request.params, self.info.vocab_size,
-                                 self.max_model_len, self.info.sampling_defaults)
-        request = self.builder.build(core_request, resolved)
+        request = self.builder.build(core_request, core_request.params)  # a front end checked and resolved them
         self.structured_output.add(request.seqs)  # the grammar compiles off the step; until then the request waits
         self._requests[request_id] = request
         self.scheduler.add(request.seqs[0])

@@ -32,7 +32,7 @@ class PromptUpdate:
 class GenerationInput:
     request_id: str
     prompts: list[PromptInput]
-    params: list[SamplingParams]  # one per prompt (max_tokens depends on the prompt length)
+    params: list[SamplingParams]  # one per prompt, resolved by engine.check_request (max_tokens depends on the prompt)
     arrival_time: float
     priority: int = 0
 
@@ -57,7 +57,7 @@ async def prompt_updates(
     params = generation.params[prompt_index]
     try:
         stream = engine.add_request(request_id, generation.prompts[prompt_index].token_ids, params,
-                                    generation.arrival_time, generation.priority)
+                                    generation.arrival_time, generation.priority, checked=True)
     except ENGINE_ERRORS as error:
         raise from_engine_error(error) from error
     # The core gets an abort after the request itself (one channel, in order), so a drain abort reaches a request

@@ -214,3 +214,24 @@ def test_a_new_request_does_not_wait_for_a_batch_being_detokenized(engine: Async
         release.set()
     assert gave_up[0] is False
     assert outputs[-1].finished and sum(len(d.token_ids) for o in outputs for d in o.outputs) == 3
+
+
+def test_a_request_the_front_end_checked_is_not_checked_again(engine: AsyncEngine, monkeypatch) -> None:
+    """The server resolves a request's parameters once (engine.check_request); neither add_request nor the core
+    checks them again."""
+    import scheduler.async_engine as async_engine_module
+
+    calls: list[list[int]] = []
+    real = async_engine_module.check_request
+    monkeypatch.setattr(async_engine_module, "check_request", lambda prompt, *args: calls.append(prompt) or
+                        real(prompt, *args))
+    prompt = [3, 4, 5]
+    resolved = engine.check_request(prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+
+    async def main() -> list[RequestOutput]:
+        return [output async for output in engine.add_request("checked-once", prompt, resolved, time.monotonic(),
+                                                              checked=True)]
+
+    outputs = asyncio.run(main())
+    assert calls == [prompt]
+    assert outputs[-1].finished and sum(len(d.token_ids) for o in outputs for d in o.outputs) == 3

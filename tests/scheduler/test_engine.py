@@ -8,6 +8,7 @@ from model.embedded import EMBEDDED_MODEL_DIR
 from scheduler.core_messages import EngineCoreRequest, FinishChoice
 from scheduler.llm import LLM, Completion
 from scheduler.outputs import RequestRejected
+from scheduler.request_check import check_request
 from scheduler.sampling_params import InvalidParameterError, SamplingParams
 
 EOS = 4095  # <|endofresponse|>, in the embedded generation_config.json
@@ -73,8 +74,12 @@ def test_stop_strings_split_across_tokens_end_the_output(llm: LLM) -> None:
     prompt = random_prompts(1, 12, 12, seed=5)[0]
     full = llm.generate([prompt], greedy(max_tokens=24))[0].outputs[0]
     pieces = [llm.tokenizer.decode([t]) for t in full.token_ids]
-    k = next(i for i in range(3, len(pieces) - 1) if pieces[i].isascii() and pieces[i + 1].isascii() and pieces[i].strip() and pieces[i + 1].strip())
-    stop = pieces[k][-2:] + pieces[k + 1][:2]  # spans the boundary between tokens k and k + 1
+    # A boundary between tokens k and k + 1 whose four surrounding characters are in the text as decoded whole (the
+    # detokenizer cleans up spaces before punctuation, which token-by-token decoding does not).
+    k = next(i for i in range(3, len(pieces) - 1)
+             if pieces[i].isascii() and pieces[i + 1].isascii() and pieces[i].strip() and pieces[i + 1].strip()
+             and pieces[i][-2:] + pieces[i + 1][:2] in full.text)
+    stop = pieces[k][-2:] + pieces[k + 1][:2]
     cut = full.text.index(stop)
     stopped = llm.generate([prompt], greedy(max_tokens=24, stop=[stop]))[0].outputs[0]
     assert (stopped.text, stopped.finish_reason, stopped.stop_reason) == (full.text[:cut], "stop", stop)
@@ -156,7 +161,10 @@ def test_requests_that_can_never_fit_are_rejected_up_front(llm: LLM) -> None:
 
 def test_abort_frees_blocks_and_unknown_ids_are_ignored(llm: LLM) -> None:
     engine = llm.engine
-    engine.add_request(EngineCoreRequest("a", random_prompts(1, 100, 100, seed=9)[0], greedy(max_tokens=50), 0.0))
+    prompt = random_prompts(1, 100, 100, seed=9)[0]
+    info = engine.info
+    resolved = check_request(prompt, greedy(max_tokens=50), info.vocab_size, info.max_model_len, info.sampling_defaults)
+    engine.add_request(EngineCoreRequest("a", prompt, resolved, 0.0))
     for _ in range(3):
         engine.step()
     assert engine.block_manager.usage() > 0

@@ -13,6 +13,7 @@ from conftest import assert_pool_free
 from scheduler.core_messages import EngineCoreRequest, FinishChoice
 from scheduler.engine_core import EngineCore
 from scheduler.llm import LLM
+from scheduler.request_check import check_request
 from scheduler.sampling_params import InvalidParameterError, SamplingParams
 from scheduler.structured_output.backend import CompiledGrammar
 from scheduler.structured_output.spec import InvalidConstraintError, StructuredOutputSpec
@@ -56,7 +57,10 @@ class Seen:
 
 
 def add(core: EngineCore, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-    core.add_request(EngineCoreRequest(request_id, prompt, params, time.monotonic()))
+    """As a front end adds a request: checked and resolved first (the core trusts what it is handed)."""
+    info = core.info
+    resolved = check_request(prompt, params, info.vocab_size, info.max_model_len, info.sampling_defaults)
+    core.add_request(EngineCoreRequest(request_id, prompt, resolved, time.monotonic()))
 
 
 def step_until(core: EngineCore, seen: Seen, done) -> Seen:
