@@ -25,10 +25,13 @@ def chat_logprobs(entries: list[TokenLogprob], texts: TokenTexts) -> dict[str, l
 
 
 class CompletionLogprobs:
-    """Builds ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset``; offsets run on across chunks."""
+    """Builds ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset``; offsets run on across chunks and index
+    the choice's text: a special token that ``skip_special_tokens`` keeps out of the text keeps its name in
+    ``tokens`` but takes no room."""
 
-    def __init__(self, texts: TokenTexts) -> None:
+    def __init__(self, texts: TokenTexts, skip_special_tokens: bool = True) -> None:
         self.texts = texts
+        self.skip_special_tokens = skip_special_tokens
         self.offset = 0
 
     def skip_text(self, text: str) -> None:
@@ -41,7 +44,8 @@ class CompletionLogprobs:
             text = self.texts.text(token_id)
             tokens.append(text)
             text_offset.append(self.offset)
-            self.offset += len(text)
+            if not (self.skip_special_tokens and token_id in self.texts.special_ids):
+                self.offset += len(text)
             if entry is None:  # the first prompt token has no logprob
                 token_logprobs.append(None)
                 top_logprobs.append(None)

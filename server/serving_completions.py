@@ -43,7 +43,8 @@ class ChoiceEcho:
 
     def builder(self, choice_index: int) -> CompletionLogprobs:
         if choice_index not in self.logprob_builders:
-            self.logprob_builders[choice_index] = CompletionLogprobs(self.route.state.token_texts)
+            self.logprob_builders[choice_index] = CompletionLogprobs(self.route.state.token_texts,
+                                                                     self.body.skip_special_tokens)
         return self.logprob_builders[choice_index]
 
     def logprobs(
