@@ -72,7 +72,8 @@ class EngineCore:
         )
         # Grammar matchers and masks; llguidance reads the vocabulary from the checkpoint's own tokenizer.
         self.structured_output = create_structured_output(
-            load_tokenizer(config.model), self.model_config.vocab_size, self.generation_defaults.eos_token_ids
+            load_tokenizer(config.model), self.model_config.vocab_size, self.generation_defaults.eos_token_ids,
+            config.max_num_seqs, self.device,
         )
         self.builder = RequestBuilder(self.model_config.vocab_size, self.info.eos_token_ids, self.max_model_len,
                                       self.device)

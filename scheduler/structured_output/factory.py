@@ -1,4 +1,5 @@
 """Builds the engine's grammar manager (with its compiler) and the front end's constraint validator."""
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from scheduler.structured_output.compiler import GrammarCompiler
@@ -14,6 +15,9 @@ def create_constraint_validator(
 
 
 def create_structured_output(
-    tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: list[int]
+    tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: list[int], max_rows: int = 256,
+    device: torch.device = torch.device("cpu"),
 ) -> StructuredOutputManager:
-    return StructuredOutputManager(GrammarCompiler(LLGuidanceBackend(tokenizer, vocab_size, eos_token_ids)), vocab_size)
+    """``max_rows``: the engine's max_num_seqs; ``device``: where the logits are (pinned masks on CUDA)."""
+    compiler = GrammarCompiler(LLGuidanceBackend(tokenizer, vocab_size, eos_token_ids))
+    return StructuredOutputManager(compiler, vocab_size, max_rows, device)

@@ -34,15 +34,27 @@ class GrammarOutcome(enum.Enum):
 
 @dataclass
 class PendingMasks:
+    """A step's masks in one host buffer: the bitmask (row i for ``rows[i]``), then the row indices."""
+
     rows: list[int]  # rows of the sampling logits that are constrained
-    bitmask: torch.Tensor  # int32 [len(rows), words], row i for rows[i]
+    packed: torch.Tensor  # int32 [len(rows) * words + len(rows)]
     done: Future
+
+    @property
+    def bitmask(self) -> torch.Tensor:
+        """int32 [len(rows), words]: a view of ``packed``."""
+        num_rows = len(self.rows)
+        return self.packed[: self.packed.shape[0] - num_rows].view(num_rows, -1)
 
 
 class StructuredOutputManager:
-    def __init__(self, compiler: GrammarCompiler, vocab_size: int) -> None:
+    def __init__(self, compiler: GrammarCompiler, vocab_size: int, max_rows: int = 256,
+                 device: torch.device = torch.device("cpu")) -> None:
+        """``max_rows``: sampling rows of a step at most (max_num_seqs). On CUDA the masks' host buffer is pinned,
+        so a step's masks and row indices reach the device in one non-blocking copy."""
         self.compiler = compiler
         self.words = bitmask_words(vocab_size)
+        self._host = torch.zeros(max_rows * (self.words + 1), dtype=torch.int32, pin_memory=device.type == "cuda")
         self._matchers: dict[int, GrammarMatcher] = {}  # seq_id -> matcher
         self._compiling: dict[str, tuple[Future[CompiledGrammar], list[Sequence]]] = {}  # by request id
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
@@ -97,8 +109,13 @@ class StructuredOutputManager:
         if not rows:
             return None
         matchers = [self._synced_matcher(seqs[row]) for row in rows]
-        bitmask = torch.zeros(len(rows), self.words, dtype=torch.int32)
-        return PendingMasks(rows, bitmask, self._worker.submit(self.compiler.backend.fill_masks, matchers, bitmask))
+        # The previous step's copy out of this buffer is done: its sampled tokens came back after it.
+        size = len(rows) * self.words
+        packed = self._host[: size + len(rows)]
+        packed[size:].numpy()[:] = rows
+        bitmask = packed[:size].view(len(rows), self.words)
+        bitmask.zero_()
+        return PendingMasks(rows, packed, self._worker.submit(self.compiler.backend.fill_masks, matchers, bitmask))
 
     def apply(self, pending: PendingMasks | None, logits: torch.Tensor) -> None:
         """Masks the constrained rows of ``logits`` [B, V] in place (waits for the masks if still being filled)."""
@@ -106,9 +123,11 @@ class StructuredOutputManager:
             return
         pending.done.result()
         with torch.inference_mode():  # the executor's logits are inference tensors
-            rows = torch.tensor(pending.rows, device=logits.device)
+            packed = pending.packed.to(logits.device, non_blocking=True)  # the step's one copy of the masks
+            num_rows = len(pending.rows)
+            rows = packed[packed.shape[0] - num_rows :].long()
             constrained = logits[rows]  # [R, V]
-            apply_bitmask(constrained, pending.bitmask)
+            apply_bitmask(constrained, packed[: packed.shape[0] - num_rows].view(num_rows, self.words))
             logits[rows] = constrained
 
     def advance(self, seq: Sequence, token_id: int) -> GrammarOutcome:
