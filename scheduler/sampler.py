@@ -21,6 +21,8 @@ from scheduler.sampling_batch import SamplingBatch
 from scheduler.sampling_state import SamplingState
 from scheduler.sequence import Sequence
 
+TOP_P_CANDIDATES = 64  # tokens top-p looks among before it sorts a whole row
+
 
 @dataclass
 class SamplerOutput:
@@ -89,7 +91,8 @@ class Sampler:
         batch = self.batch
         scaled = logits / batch.temperature[slots].unsqueeze(1)  # [R, V]
         if any(s.masks_top_k_top_p for s in states):
-            scaled = _mask_top_k_top_p(scaled, batch.top_k[slots], batch.top_p[slots])
+            max_top_k = max((s.top_k for s in states if s.top_k < s.vocab_size), default=0)
+            scaled = _mask_top_k_top_p(scaled, batch.top_k[slots], batch.top_p[slots], max_top_k)
         probs = torch.softmax(scaled, dim=-1)  # [R, V]
         if any(s.params.min_p > 0 for s in states):
             max_probs = probs.max(dim=-1, keepdim=True).values
@@ -125,9 +128,41 @@ def _ban_stop_tokens_before_min_tokens(logits: torch.Tensor, seqs: list[Sequence
     logits[rows, cols] = float("-inf")  # a scalar: no tensor copied to the device
 
 
-def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_top_k: int) -> torch.Tensor:
     """Sets to -inf what top-k and top-p (1.0 disables) exclude, per row. ``logits``: [R, V]; ``top_k`` [R] int64
-    (the vocabulary size disables it), ``top_p`` [R] float32."""
+    (the vocabulary size disables it), ``top_p`` [R] float32; ``max_top_k``: the largest top-k asked (0: none).
+
+    Looks among the C most likely tokens of each row (C = the largest top-k, at least ``TOP_P_CANDIDATES``) instead
+    of sorting whole rows; only rows whose top-p nucleus holds more than C tokens are sorted."""
+    vocab_size = logits.shape[1]
+    num_candidates = max(max_top_k, TOP_P_CANDIDATES)
+    if num_candidates >= vocab_size:
+        return _mask_top_k_top_p_by_sorting(logits, top_k, top_p)
+    values = logits.topk(num_candidates, dim=-1).values  # descending: [R, C]
+    ranks = torch.arange(num_candidates, device=logits.device)
+    in_top_k = ranks.unsqueeze(0) < top_k.unsqueeze(1)  # [R, C]
+    has_top_k = top_k < vocab_size
+    candidates = values.masked_fill(~in_top_k, float("-inf"))
+    # Top-p weighs the tokens top-k left: a top-k row's candidates, or the whole row.
+    normaliser = torch.where(has_top_k, torch.logsumexp(candidates, dim=-1), torch.logsumexp(logits, dim=-1))
+    probs = torch.exp(candidates - normaliser.unsqueeze(1))  # [R, C]
+    ahead = probs.cumsum(dim=-1) - probs  # the mass of the more likely tokens
+    top_p = top_p.unsqueeze(1)
+    keep = in_top_k & ((ahead < top_p) | (top_p >= 1.0))
+    keep[:, 0] = True  # the most likely token always stays
+    threshold = values.gather(1, keep.sum(dim=-1, keepdim=True) - 1)  # [R, 1]: the least likely kept value
+    untouched = ~has_top_k & (top_p.squeeze(1) >= 1.0)
+    threshold = threshold.masked_fill(untouched.unsqueeze(1), float("-inf"))
+    masked = logits.masked_fill(logits < threshold, float("-inf"))
+    nucleus_beyond = ~has_top_k & ~untouched & (probs.sum(dim=-1) < top_p.squeeze(1))
+    if bool(nucleus_beyond.any()):  # a flat distribution: those rows are sorted whole
+        rows = nucleus_beyond.nonzero().squeeze(1)
+        masked[rows] = _mask_top_k_top_p_by_sorting(logits[rows], top_k[rows], top_p.squeeze(1)[rows])
+    return masked
+
+
+def _mask_top_k_top_p_by_sorting(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``_mask_top_k_top_p`` by sorting every row whole."""
     vocab_size = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1)  # ascending: [R, V]
     # top-k: keep values >= the k-th largest.
@@ -141,6 +176,7 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     drop[:, -1] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
 
 def _token_logprobs(
     raw_logits: torch.Tensor, token_list: list[int], states: list[SamplingState]

@@ -6,6 +6,7 @@ import torch
 
 from sched_helpers import make_seq
 from scheduler.sampler import Sampler as BatchSampler
+from scheduler.sampler import _mask_top_k_top_p, _mask_top_k_top_p_by_sorting
 from scheduler.sampling_state import build_sampling_state
 
 EOS = 9
@@ -218,3 +219,23 @@ def test_a_reused_slot_starts_clean_and_a_rejoining_sequence_gets_its_counts_bac
     assert sampler.sample(logits, [first]).token_ids == [1]  # counts rebuilt from its outputs: 0 twice, 2 once
     with pytest.raises(RuntimeError, match="sampling slots"):
         sampler.sample(logits, [seq_with(temperature=0.0).admit(4)])
+
+
+def test_top_k_top_p_among_candidates_equals_sorting_whole_rows() -> None:
+    """The candidate path (the largest top-k, or 64 tokens, per row) keeps exactly what sorting every row keeps,
+    including rows whose nucleus is wider than the candidates (sorted whole) and rows with neither filter."""
+    generator = torch.Generator().manual_seed(3)
+    rows, vocab = 48, 700
+    logits = torch.randn(rows, vocab, generator=generator) * 3.0
+    logits[:8] = torch.randn(8, vocab, generator=generator) * 0.05  # flat: a 0.9 nucleus of hundreds of tokens
+    top_k = torch.full((rows,), vocab, dtype=torch.int64)
+    top_k[8:24] = torch.randint(1, 120, (16,), generator=generator)
+    top_p = torch.rand(rows, generator=generator) * 0.9 + 0.05
+    top_p[:8] = 0.9
+    top_p[40:] = 1.0  # rows 40..47: top-p off (top-k off too: untouched)
+    fast = _mask_top_k_top_p(logits, top_k, top_p, int(top_k[top_k < vocab].max()))
+    whole = _mask_top_k_top_p_by_sorting(logits, top_k, top_p)
+    assert torch.equal(fast.isfinite(), whole.isfinite())
+    assert torch.equal(fast[fast.isfinite()], logits[fast.isfinite()])
+    assert fast[:8].isfinite().sum(dim=-1).min() > 64  # the flat rows did go past the candidates
+    assert fast[40:].isfinite().all()
