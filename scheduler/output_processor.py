@@ -48,7 +48,8 @@ class RequestState:
                                 choice.stop_reason)
         for token_id in feed:
             self.num_output_tokens[index] += 1
-            delta.text += detokenizer.add_tokens([token_id], check_stop=self.num_output_tokens[index] >= self.params.min_tokens)
+            check_stop = self.num_output_tokens[index] >= self.params.min_tokens
+            delta.text += detokenizer.add_tokens([token_id], check_stop=check_stop)
             if detokenizer.stop_reason is not None:
                 delta.finish_reason = "stop"
                 delta.stop_reason = detokenizer.stop_reason
@@ -82,7 +83,8 @@ class OutputProcessor:
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """``params`` resolved (``check_request``)."""
         detokenizers = [
-            IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop, params.include_stop_str_in_output)
+            IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
+                                   params.include_stop_str_in_output)
             for _ in range(params.n)
         ]
         self.requests[request_id] = RequestState(request_id, prompt_token_ids, params, detokenizers)

@@ -28,7 +28,8 @@ def check_request(
         raise InvalidParameterError("prompt", "the prompt must contain at least one token")
     outside = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
     if outside is not None:
-        raise InvalidParameterError("prompt", f"prompt token id {outside} is outside the vocabulary (0..{vocab_size - 1})")
+        raise InvalidParameterError("prompt",
+                                    f"prompt token id {outside} is outside the vocabulary (0..{vocab_size - 1})")
     check_caps(params)
     resolved = params.with_defaults(sampling_defaults)
     resolved.validate(vocab_size, max_logprobs=MAX_LOGPROBS, max_n=MAX_N)
@@ -44,7 +45,8 @@ def check_request(
         )
     if resolved.min_tokens > completion:
         raise InvalidParameterError(
-            "min_tokens", f"min_tokens ({resolved.min_tokens}) exceeds the {completion} tokens this request can generate"
+            "min_tokens",
+            f"min_tokens ({resolved.min_tokens}) exceeds the {completion} tokens this request can generate",
         )
     resolved.max_tokens = completion
     return resolved
@@ -52,7 +54,8 @@ def check_request(
 
 def check_caps(params: SamplingParams) -> None:
     if len(params.stop) > MAX_STOP_STRINGS:
-        raise InvalidParameterError("stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(params.stop)}")
+        raise InvalidParameterError("stop",
+                                    f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(params.stop)}")
     longest = max((len(s) for s in params.stop), default=0)
     if longest > MAX_STOP_STRING_CHARS:
         raise InvalidParameterError(
@@ -60,7 +63,8 @@ def check_caps(params: SamplingParams) -> None:
         )
     if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise InvalidParameterError(
-            "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got {len(params.stop_token_ids)}"
+            "stop_token_ids",
+            f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got {len(params.stop_token_ids)}",
         )
     if len(params.logit_bias) > MAX_LOGIT_BIAS:
         raise InvalidParameterError(

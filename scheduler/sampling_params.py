@@ -63,7 +63,8 @@ class SamplingParams:
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise InvalidParameterError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and (self.top_k < -1 or self.top_k > vocab_size):
-            raise InvalidParameterError("top_k", f"top_k must be -1, 0 (disabled) or in [1, {vocab_size}], got {self.top_k}")
+            raise InvalidParameterError("top_k",
+                                        f"top_k must be -1, 0 (disabled) or in [1, {vocab_size}], got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidParameterError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -76,7 +77,8 @@ class SamplingParams:
             )
         for token_id, bias in self.logit_bias.items():
             if not 0 <= token_id < vocab_size:
-                raise InvalidParameterError("logit_bias", f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1})")
+                raise InvalidParameterError(
+                    "logit_bias", f"logit_bias token id {token_id} is outside the vocabulary (0..{vocab_size - 1})")
             if not -100.0 <= bias <= 100.0:
                 raise InvalidParameterError("logit_bias", f"logit_bias values must be in [-100, 100], got {bias}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -84,12 +86,14 @@ class SamplingParams:
         if self.min_tokens < 0:
             raise InvalidParameterError("min_tokens", f"min_tokens must be at least 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise InvalidParameterError("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+            raise InvalidParameterError(
+                "min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if any(not s for s in self.stop):
             raise InvalidParameterError("stop", "stop strings must not be empty")
         for token_id in self.stop_token_ids:
             if not 0 <= token_id < vocab_size:
-                raise InvalidParameterError("stop_token_ids", f"stop token id {token_id} is outside the vocabulary (0..{vocab_size - 1})")
+                raise InvalidParameterError(
+                    "stop_token_ids", f"stop token id {token_id} is outside the vocabulary (0..{vocab_size - 1})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= max_logprobs:

@@ -1,4 +1,5 @@
-"""What the engine records for observability. The engine fills these in; a listener (the metrics exporter) reads them."""
+"""What the engine records for observability. The engine fills these in; a listener (the metrics exporter) reads
+them."""
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,5 +50,6 @@ class StatsListener(Protocol):
     def on_request_finished(self, request: RequestStats) -> None: ...
 
     def on_expert_counts(self, layer_ids: list[int], counts: torch.Tensor) -> None:
-        """``counts[i, e]``: token-expert assignments of layer ``layer_ids[i]`` since the previous flush (int64, CPU)."""
+        """``counts[i, e]``: token-expert assignments of layer ``layer_ids[i]`` since the previous flush (int64,
+        CPU)."""
         ...
