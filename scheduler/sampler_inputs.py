@@ -10,7 +10,6 @@ class SamplerInputs:
     def __init__(self, max_rows: int, device: torch.device) -> None:
         self.device = device
         self.max_rows = max_rows
-        self.copies = 0  # host-to-device copies made (benchmarks count them)
         if device.type != "cpu":
             self._host = torch.zeros(2 * max_rows, dtype=torch.int64, pin_memory=device.type == "cuda")
             self._device = torch.zeros(2 * max_rows, dtype=torch.int64, device=device)
@@ -26,5 +25,4 @@ class SamplerInputs:
             self._host[: num_slots + num_sampled].copy_(torch.tensor(slots + sampled_rows, dtype=torch.int64))
             packed = self._device[: num_slots + num_sampled]
             packed.copy_(self._host[: num_slots + num_sampled], non_blocking=True)
-            self.copies += 1
         return packed[:num_slots], packed[num_slots:]

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 from random_dots1 import save_random_dots1
+from sched_helpers import GRAPH_TEST_CONFIG
 
 from model.forward_batch import ForwardBatch
 from scheduler.config import EngineConfig
@@ -13,12 +14,7 @@ from scheduler.cuda_graph_runner import EagerStepGraph, capture_sizes
 from scheduler.model_runner import ModelExecutor
 from scheduler.step_inputs import BatchCapacity, StepInputs
 
-CONFIG = dict(
-    vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=8, num_experts_per_tok=2,
-    n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-5,
-    max_position_embeddings=64, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
-)
+CONFIG = GRAPH_TEST_CONFIG
 BLOCK_SIZE = 4
 MAX_NUM_SEQS = 12  # captured sizes 1, 2, 4, 8, 12
 KV_BYTES = 64 * 2 * 2 * BLOCK_SIZE * 2 * 8 * 4  # 64 blocks of the eager executor; the graph one keeps 1 for padding

@@ -3,18 +3,14 @@ to a captured size, and the padding rows route to experts like any token, yet on
 import pytest
 import torch
 from random_dots1 import save_random_dots1
+from sched_helpers import GRAPH_TEST_CONFIG
 
 from model.forward_batch import ForwardBatch
 from scheduler.config import EngineConfig
 from scheduler.cuda_graph_runner import EagerStepGraph
 from scheduler.model_runner import ModelExecutor
 
-CONFIG = dict(
-    vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=8, num_experts_per_tok=2,
-    n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-5,
-    max_position_embeddings=64, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
-)
+CONFIG = dict(GRAPH_TEST_CONFIG, num_hidden_layers=3)  # two MoE layers behind the dense one
 BLOCK_SIZE = 4
 TOP_K = CONFIG["num_experts_per_tok"]
 
